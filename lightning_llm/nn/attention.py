@@ -1,0 +1,184 @@
+"""Causal self-attention with multi-head, grouped-query and multi-query heads, and three kernels.
+
+Notation: B batch, T new tokens, S key slots (past + new), H query heads, G key/value heads, D head dim, C width.
+
+Kernels (``TransformerConfig.attention_backend``):
+
+* ``sdpa``: :func:`torch.nn.functional.scaled_dot_product_attention`. With no bias and no padding it is called
+  with ``is_causal=True`` and no mask, which lets CUDA take the flash kernel. Otherwise it gets a mask: boolean for
+  padding/KV cache, float (already containing the causal ``-inf``) for ALiBi.
+* ``flex``: FlexAttention with ALiBi as a ``score_mod`` and causality as a ``block_mask`` (compiled; CUDA only in
+  ``auto`` mode because unfused eager Flex on CPU is slow).
+* ``eager``: plain ``softmax(q k^T / sqrt(D) + bias) v`` in float32, the readable reference the tests compare with.
+
+``auto`` takes flex for ALiBi on CUDA when there is no padding or cache, and sdpa everywhere else.
+Every query may always attend to its own slot, so a left-padded row never has an empty softmax (which would be NaN);
+such pad positions produce finite garbage that no loss or metric reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_llm.config import TransformerConfig
+from lightning_llm.nn.alibi import alibi_slopes
+from lightning_llm.nn.rope import apply_rope
+
+
+@dataclass
+class AttentionInputs:
+    """What every block needs to attend, computed once per forward by the Transformer.
+
+    Attributes:
+        cos, sin: RoPE tables for the new tokens, ``(B or 1, T, R)``, or ``None``.
+        mask: boolean ``(B or 1, 1, T, S)`` (True = may attend) or ``None`` when plain causal attention applies.
+        q_pos, k_pos: positions ``(B or 1, T)`` and ``(B or 1, S)``, used for ALiBi.
+        is_causal: True when ``mask`` is None and the causal structure is the plain lower triangle.
+    """
+
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    mask: torch.Tensor | None
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    is_causal: bool
+
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:  # torch < 2.5
+        return False
+    return True
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, d = config.n_embd, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, d
+        self.q_proj = nn.Linear(c, config.n_head * d, bias=config.bias)
+        self.k_proj = nn.Linear(c, config.n_kv_head * d, bias=config.bias)
+        self.v_proj = nn.Linear(c, config.n_kv_head * d, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_head * d, c, bias=config.bias)
+        self.dropout = config.dropout
+        if config.pos_encoding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        else:
+            self.alibi_slopes = None
+
+    def forward(
+        self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None, layer_idx: int = 0
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        # local head counts (tensor parallelism shards the projections; views use -1 for the head axis)
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        if inputs.cos is not None:
+            layout = self.config.rope_layout
+            q = apply_rope(q, inputs.cos, inputs.sin, layout)
+            k = apply_rope(k, inputs.cos, inputs.sin, layout)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)  # (B, G, S, D)
+        y = self.attend(q, k, v, inputs)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
+        return self.o_proj(y)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def backend(self, inputs: AttentionInputs, device: torch.device) -> str:
+        choice = self.config.attention_backend
+        if choice != "auto":
+            return choice
+        if (
+            self.alibi_slopes is not None
+            and device.type == "cuda"
+            and inputs.mask is None
+            and inputs.is_causal
+            and flex_available()
+        ):
+            return "flex"
+        return "sdpa"
+
+    def _alibi_slopes(self, n_local_heads: int, device: torch.device) -> torch.Tensor:
+        slopes = self.alibi_slopes
+        if slopes.numel() != n_local_heads:
+            # tensor parallel: this rank holds a contiguous slice of the heads; the parallelize function sets tp_rank
+            slopes = slopes.view(-1, n_local_heads)[getattr(self, "tp_rank", 0)]
+        return slopes.to(device)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        n_local = q.shape[1]
+        backend = self.backend(inputs, q.device)
+        dropout = self.dropout if self.training else 0.0
+        if backend == "flex" and self.alibi_slopes is not None:
+            return self._flex(q, k, v, self._alibi_slopes(n_local, q.device))
+        if k.shape[1] != n_local:  # grouped-query: repeat each kv head for its group of query heads
+            rep = n_local // k.shape[1]
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+        bias = self._bias(inputs, n_local, q.device)
+        if backend == "eager":
+            return self._eager(q, k, v, inputs, bias, dropout)
+        if bias is None and inputs.mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=inputs.is_causal)
+        attn_mask = inputs.mask if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+
+    def _bias(self, inputs: AttentionInputs, n_local: int, device: torch.device) -> torch.Tensor | None:
+        """ALiBi bias with the causal/padding mask folded in as ``-inf``: float32 ``(B or 1, H, T, S)``."""
+        if self.alibi_slopes is None:
+            return None
+        slopes = self._alibi_slopes(n_local, device)
+        rel = (inputs.k_pos[:, None, :] - inputs.q_pos[:, :, None]).to(torch.float32)  # (B, T, S)
+        bias = slopes[None, :, None, None] * rel[:, None]  # (B, H, T, S)
+        mask = inputs.mask
+        if mask is None:  # plain causal: key slot j <= query slot i
+            t, s = rel.shape[-2:]
+            mask = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+        return bias.masked_fill(~mask, float("-inf"))
+
+    def _eager(self, q, k, v, inputs: AttentionInputs, bias, dropout: float) -> torch.Tensor:
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+        if bias is not None:
+            scores = scores + bias
+        else:
+            mask = inputs.mask
+            if mask is None:
+                t, s = scores.shape[-2:]
+                mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
+        return (probs @ v.float()).to(q.dtype)
+
+    def _flex(self, q, k, v, slopes: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx)
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        t, s = q.shape[-2], k.shape[-2]
+        block_mask = create_block_mask(causal, B=None, H=None, Q_LEN=t, KV_LEN=s, device=q.device)
+        enable_gqa = k.shape[1] != q.shape[1]
+        return _flex_attention()(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=enable_gqa)

@@ -1,0 +1,290 @@
+"""A decoder-only transformer, driven by :class:`~lightning_llm.config.TransformerConfig`.
+
+Notation: B batch, T new tokens, S key slots (past + new), C width, V vocabulary, R rotated dims.
+
+Read bottom-up: :class:`Transformer` embeds tokens, computes positions/masks once (:meth:`Transformer.attention_inputs`),
+runs the :class:`Block` stack and projects to the vocabulary. Positions always come from the attention mask's
+cumulative sum when a mask is given, so left padding changes no real token's output (RoPE, ALiBi, learned and
+sinusoidal alike).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_llm.config import TransformerConfig
+from lightning_llm.nn.attention import AttentionInputs, CausalSelfAttention
+from lightning_llm.nn.heads import chunked_cross_entropy
+from lightning_llm.nn.kv_cache import KVCache
+from lightning_llm.nn.rope import rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight``, normalised in float32 and cast back before the weight (as Llama)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU ``down(silu(gate(x)) * up(x))`` or GELU ``down(gelu(up(x)))``."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        c, h = config.n_embd, config.intermediate_size
+        self.swiglu = config.mlp == "swiglu"
+        self.approximate = config.gelu_approximate
+        self.up_proj = nn.Linear(c, h, bias=config.bias)
+        self.gate_proj = nn.Linear(c, h, bias=config.bias) if self.swiglu else None
+        self.down_proj = nn.Linear(h, c, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm_1(x))`` then ``+ mlp(norm_2(x))``, or both from ``x`` (parallel residual)."""
+
+    def __init__(self, config: TransformerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.parallel_residual = config.parallel_residual
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = None if (config.parallel_residual and config.shared_attention_norm) else make_norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None) -> torch.Tensor:
+        h = self.norm_1(x)
+        a = self.drop(self.attn(h, inputs, kv_cache, self.layer_idx))
+        if self.parallel_residual:
+            m = self.drop(self.mlp(h if self.norm_2 is None else self.norm_2(x)))
+            return x + a + m
+        x = x + a
+        return x + self.drop(self.mlp(self.norm_2(x)))
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al.: ``PE[p, 2i] = sin(p / 10000^(2i/C))``, ``PE[p, 2i+1] = cos(...)``; ``(..., T) -> (..., T, C)``."""
+    inv = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv  # (..., T, C/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (..., T, C)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer.
+
+    ``forward(input_ids)`` returns logits ``(B, T, V)``; with ``targets`` it returns the mean next-token loss instead
+    (computed in chunks inside the forward, so no full float32 logits tensor exists and sharded weights are in place);
+    with ``return_hidden=True`` the final normalised hidden states ``(B, T, C)``.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
+        self.emb_norm = make_norm(config) if config.embedding_norm else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+        )
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------------ parameters
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def reset_parameters(self) -> None:
+        """Initialise every weight: N(0, init_std), residual output projections scaled by 1/sqrt(2 n_layer), zero biases.
+
+        Also used to materialise a model built on the meta device (``to_empty`` followed by this).
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.reset_parameters()
+            elif isinstance(module, CausalSelfAttention) and module.alibi_slopes is not None:
+                from lightning_llm.nn.alibi import alibi_slopes
+
+                module.alibi_slopes = alibi_slopes(self.config.n_head).to(module.q_proj.weight.device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------------------ positions
+    def attention_inputs(
+        self,
+        batch: int,
+        t: int,
+        device: torch.device,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> AttentionInputs:
+        cfg = self.config
+        past = kv_cache.length if kv_cache is not None else 0
+        s = past + t
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, s):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, past + new tokens) = {(batch, s)}, got "
+                    f"{tuple(attention_mask.shape)}; pass the mask of the whole sequence seen so far."
+                )
+            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+        if position_ids is not None:
+            q_pos = position_ids.to(device)
+        elif attention_mask is not None:
+            q_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        else:
+            q_pos = torch.arange(past, s, device=device)[None]  # (1, T)
+        if kv_cache is not None:
+            kv_cache.pos[:, past:s] = q_pos
+            k_pos = kv_cache.pos[:, :s]  # (B, S)
+        else:
+            k_pos = q_pos
+        if cfg.pos_encoding == "learned" and int(q_pos.max()) >= cfg.block_size:
+            raise ValueError(
+                f"Position {int(q_pos.max())} is beyond the learned position table (block_size={cfg.block_size}); "
+                f"shorten the input to at most {cfg.block_size} tokens or build the model with a larger block_size."
+            )
+        # mask: None means "plain lower triangle", which SDPA handles with is_causal=True (flash path on CUDA)
+        mask = None
+        if attention_mask is not None and past == 0 and bool(attention_mask.all()):
+            attention_mask = None
+        if attention_mask is not None or past > 0:
+            slots = torch.arange(s, device=device)
+            q_slots = slots[past:]
+            allowed = slots[None, :] <= q_slots[:, None]  # (T, S) causal
+            if attention_mask is not None:
+                allowed = allowed[None] & attention_mask[:, None, :]  # (B, T, S)
+                allowed = allowed | (slots[None, :] == q_slots[:, None])[None]  # a pad query may see itself
+            else:
+                allowed = allowed[None]  # (1, T, S)
+            mask = allowed[:, None]  # (B or 1, 1, T, S)
+        cos = sin = None
+        if cfg.pos_encoding == "rope":
+            cos, sin = rope_cos_sin(
+                q_pos, cfg.rope_dim, cfg.rope_base, cfg.rope_scaling, cfg.block_size, cfg.rope_layout
+            )  # (B or 1, T, R)
+        return AttentionInputs(cos=cos, sin=sin, mask=mask, q_pos=q_pos, k_pos=k_pos, is_causal=mask is None)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got shape {tuple(input_ids.shape)}.")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor (int64 or int32), got {input_ids.dtype}.")
+        if input_ids.device.type == "cpu" and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]; "
+                    "the tokenizer and the model disagree on the vocabulary -- set model vocab_size to the tokenizer's."
+                )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Run the model.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            attention_mask: ``(B, S)`` 1 for real tokens, 0 for padding, over past + new tokens.
+            position_ids: ``(B, T)`` explicit positions (default: from the mask, else ``past .. past+T-1``).
+            kv_cache: a :class:`KVCache`; new keys/values are appended and its length advanced.
+            targets: ``(B, T)`` next-token ids (``-100`` = ignore): return the mean cross-entropy instead of logits.
+            return_hidden: return the final normalised hidden states ``(B, T, C)``.
+        """
+        self._check_ids(input_ids)
+        b, t = input_ids.shape
+        inputs = self.attention_inputs(b, t, input_ids.device, attention_mask, position_ids, kv_cache)
+        x = self.wte(input_ids)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(inputs.q_pos)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_embedding(inputs.q_pos, self.config.n_embd).to(x.dtype)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, inputs, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        x = self.norm_f(x)  # (B, T, C)
+        if return_hidden:
+            return x
+        bias = self.lm_head.bias if self.lm_head is not None else None
+        if targets is not None:
+            if targets.shape != input_ids.shape:
+                raise ValueError(
+                    f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(targets.shape)}."
+                )
+            return chunked_cross_entropy(
+                x.flatten(0, 1), self.output_weight, targets.flatten(), bias, vocab_size=self.config.vocab_size
+            )
+        logits = F.linear(x, self.output_weight, bias)  # (B, T, V_padded)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        return logits
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def new_kv_cache(self, batch_size: int, max_length: int, device=None, dtype=None) -> KVCache:
+        p = self.wte.weight
+        return KVCache(
+            self.config.n_layer,
+            batch_size,
+            self.config.n_kv_head,
+            max_length,
+            self.config.head_dim,
+            device=device or p.device,
+            dtype=dtype or p.dtype,
+        )
+
+    def generate(self, prompts, **kwargs):
+        """See :func:`lightning_llm.nn.generation.generate`."""
+        from lightning_llm.nn.generation import generate
+
+        return generate(self, prompts, **kwargs)

@@ -1,0 +1,38 @@
+"""Shared test settings: offline hub access, seeds, a per-session cache directory and tiny configs."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Every test shares one fresh cache (tokenizers, token streams), never the user's home."""
+    path = tmp_path_factory.mktemp("lightning_llm_cache")
+    old = os.environ.get("LIGHTNING_LLM_CACHE")
+    os.environ["LIGHTNING_LLM_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LIGHTNING_LLM_CACHE", None)
+    else:
+        os.environ["LIGHTNING_LLM_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+@pytest.fixture
+def tiny_config():
+    from lightning_llm.config import TransformerConfig
+
+    return TransformerConfig(vocab_size=128, block_size=64, n_layer=2, n_head=4, n_embd=32)
