@@ -1,0 +1,669 @@
+"""Hugging Face <-> lightning_llm weight conversion (``transformers`` is an optional dependency).
+
+Notation: C width, H query heads, G key/value heads, D head dim, R rotated dims per head, F MLP hidden width,
+V vocabulary, L layers.
+
+* :func:`from_hf` turns a ``LlamaForCausalLM``, ``GPTNeoXForCausalLM``, ``BloomForCausalLM`` or ``GPT2LMHeadModel``
+  (an instance, or a local directory loaded with ``AutoModelForCausalLM.from_pretrained``) into a
+  :class:`~lightning_llm.nn.transformer.Transformer` with the same weights and, in float32, the same logits.
+* :func:`config_from_hf` is the config half of that: a ``transformers`` config -> :class:`TransformerConfig`.
+* :func:`to_hf` / :func:`save_hf` go the other way for the Llama-shaped configuration (RMSNorm, SwiGLU, RoPE, no
+  parallel residual), so a model trained here can be served by the Hugging Face ecosystem.
+
+How each architecture maps onto our module names (``blocks[i].attn.q_proj`` etc.):
+
+* Llama: one to one; RoPE ``rotate_half`` layout, grouped-query heads, ``rope_scaling`` (linear, dynamic, yarn, llama3).
+* GPT-NeoX: ``query_key_value`` is fused PER HEAD, rows ordered ``(H, 3, D)`` = ``[q_0; k_0; v_0; q_1; ...]``;
+  partial rotary (``rotary_pct`` in transformers 4.x, ``rope_parameters['partial_rotary_factor']`` in 5.x);
+  ``use_parallel_residual``; LayerNorm; exact GELU.
+* BLOOM: ALiBi; ``word_embeddings_layernorm`` -> ``emb_norm``; fused per-head ``(H, 3, D)`` qkv; tanh GELU; tied head.
+* GPT-2: learned positions; ``Conv1D`` stores ``(in, out)`` weights, so they are transposed; ``c_attn`` is
+  ``[q; k; v]`` along the output axis; ``gelu_new`` = tanh GELU; tied head. Its optional attention-scale variants
+  (``scale_attn_weights=False``, ``scale_attn_by_inverse_layer_idx``) are folded exactly into the query projection.
+
+Our attention always scales by ``1/sqrt(D)``, like all four. A missing bias in Hugging Face (``attention_bias=False``
+next to MLP biases, say) becomes a zero bias here, which is exact.
+
+Transformers 4.x keeps RoPE settings in ``rope_theta`` + ``rope_scaling`` (``type`` or ``rope_type``); 5.x keeps them in
+``rope_parameters`` (``rope_scaling`` is an alias there). Both spellings are read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_llm.config import TransformerConfig
+from lightning_llm.nn.transformer import Transformer
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "config_from_hf", "from_hf", "save_hf", "to_hf"]
+
+#: Hugging Face class name -> ``config.model_type``.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "GPTNeoXForCausalLM": "gpt_neox",
+    "BloomForCausalLM": "bloom",
+    "GPT2LMHeadModel": "gpt2",
+}
+
+_INSTALL_HINT = "pip install lightning-llm[hf]"
+
+# Hugging Face activation names -> our ``gelu_approximate``
+_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+# keys of a rope scaling dict that TransformerConfig / lightning_llm.nn.rope understand
+_ROPE_KEYS = (
+    "factor",
+    "original_max_position_embeddings",
+    "low_freq_factor",
+    "high_freq_factor",
+    "beta_fast",
+    "beta_slow",
+    "attention_factor",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+)
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            f"lightning_llm.hf needs the Hugging Face `transformers` package, which is not installed: {_INSTALL_HINT}"
+        ) from err
+    return transformers
+
+
+def _supported_list() -> str:
+    return ", ".join(SUPPORTED_ARCHITECTURES)
+
+
+# ======================================================================================================== config
+def _get(cfg: Any, *names: str, default: Any = None) -> Any:
+    """The first attribute of ``cfg`` among ``names`` that exists and is not None."""
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _rope_settings(cfg: Any, max_position: int) -> tuple[float, float | None, dict[str, Any] | None]:
+    """RoPE ``(base, partial_rotary_factor or None, scaling dict or None)`` from a 4.x or 5.x config."""
+    params = getattr(cfg, "rope_parameters", None)
+    if not isinstance(params, dict) or not params:  # transformers 4.x: rope_theta + rope_scaling
+        params = getattr(cfg, "rope_scaling", None)
+    params = dict(params or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(
+            f"{type(cfg).__name__} has per-layer-type rope_parameters {sorted(params)}; lightning_llm supports a single "
+            "RoPE configuration shared by all layers."
+        )
+    base = float(params.get("rope_theta") or _get(cfg, "rope_theta", "rotary_emb_base", default=10000.0))
+    partial = params.get("partial_rotary_factor") or _get(cfg, "partial_rotary_factor", "rotary_pct")
+    kind = params.get("rope_type", params.get("type")) or "default"
+    if kind == "default":
+        return base, partial, None
+    if kind not in ("linear", "dynamic", "yarn", "llama3"):
+        raise ValueError(
+            f"{type(cfg).__name__} uses rope scaling type {kind!r}, which lightning_llm does not implement; supported: "
+            "'default', 'linear', 'dynamic', 'yarn', 'llama3'."
+        )
+    scaling = {k: params[k] for k in _ROPE_KEYS if params.get(k) is not None}
+    original = _get(cfg, "original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    if kind == "dynamic":
+        # Hugging Face's dynamic NTK measures growth against max_position_embeddings, whatever else the dict holds
+        scaling["original_max_position_embeddings"] = max_position
+    elif kind in ("yarn", "llama3"):
+        scaling["original_max_position_embeddings"] = original or max_position
+    if kind == "yarn" and "factor" not in scaling:  # as HF: the ratio of the new to the pretraining context
+        scaling["factor"] = max_position / scaling["original_max_position_embeddings"]
+    if kind == "llama3":
+        scaling.setdefault("low_freq_factor", 1.0)
+        scaling.setdefault("high_freq_factor", 4.0)
+    scaling["type"] = kind
+    return base, partial, scaling
+
+
+def _gelu_approximate(cfg: Any, act: str) -> str:
+    if act not in _GELU:
+        raise ValueError(
+            f"{type(cfg).__name__} uses activation {act!r}; lightning_llm converts GELU MLPs with one of "
+            f"{sorted(_GELU)} (exact or tanh GELU)."
+        )
+    return _GELU[act]
+
+
+def _llama_config(cfg: Any) -> dict[str, Any]:
+    if cfg.hidden_act != "silu":
+        raise ValueError(f"LlamaConfig.hidden_act must be 'silu' (SwiGLU) to convert, got {cfg.hidden_act!r}.")
+    max_pos = cfg.max_position_embeddings
+    base, _, scaling = _rope_settings(cfg, max_pos)
+    return dict(
+        vocab_size=cfg.vocab_size,
+        block_size=max_pos,
+        n_layer=cfg.num_hidden_layers,
+        n_head=cfg.num_attention_heads,
+        n_embd=cfg.hidden_size,
+        n_kv_head=_get(cfg, "num_key_value_heads", default=cfg.num_attention_heads),
+        head_dim=_get(cfg, "head_dim", default=cfg.hidden_size // cfg.num_attention_heads),
+        intermediate_size=cfg.intermediate_size,
+        pos_encoding="rope",
+        rope_base=base,
+        rope_layout="half",
+        partial_rotary_factor=1.0,  # HF Llama rotates the whole head
+        rope_scaling=scaling,
+        norm="rmsnorm",
+        norm_eps=cfg.rms_norm_eps,
+        mlp="swiglu",
+        bias=bool(getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)),
+        tie_embeddings=bool(cfg.tie_word_embeddings),
+    )
+
+
+def _neox_config(cfg: Any) -> dict[str, Any]:
+    max_pos = cfg.max_position_embeddings
+    base, partial, scaling = _rope_settings(cfg, max_pos)
+    return dict(
+        vocab_size=cfg.vocab_size,
+        block_size=max_pos,
+        n_layer=cfg.num_hidden_layers,
+        n_head=cfg.num_attention_heads,
+        n_embd=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        pos_encoding="rope",
+        rope_base=base,
+        rope_layout="half",
+        partial_rotary_factor=float(partial if partial is not None else 0.25),
+        rope_scaling=scaling,
+        norm="layernorm",
+        norm_eps=cfg.layer_norm_eps,
+        mlp="gelu",
+        gelu_approximate=_gelu_approximate(cfg, cfg.hidden_act),
+        bias=True,  # the MLP always has biases; attention_bias=False becomes zero attention biases
+        tie_embeddings=bool(cfg.tie_word_embeddings),
+        parallel_residual=bool(cfg.use_parallel_residual),
+    )
+
+
+def _bloom_config(cfg: Any) -> dict[str, Any]:
+    if getattr(cfg, "apply_residual_connection_post_layernorm", False):
+        raise ValueError(
+            "BloomConfig.apply_residual_connection_post_layernorm=True (residual taken after the norm) has no "
+            "lightning_llm equivalent; only the standard pre-norm BLOOM (False) converts."
+        )
+    return dict(
+        vocab_size=cfg.vocab_size,
+        block_size=int(_get(cfg, "seq_length", "max_position_embeddings", default=2048)),
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.hidden_size,
+        intermediate_size=4 * cfg.hidden_size,
+        pos_encoding="alibi",
+        norm="layernorm",
+        norm_eps=cfg.layer_norm_epsilon,
+        mlp="gelu",
+        gelu_approximate="tanh",
+        bias=True,
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
+        embedding_norm=True,
+    )
+
+
+def _gpt2_config(cfg: Any) -> dict[str, Any]:
+    if getattr(cfg, "add_cross_attention", False):
+        raise ValueError("GPT2Config.add_cross_attention=True (an encoder-decoder GPT-2) cannot be converted.")
+    return dict(
+        vocab_size=cfg.vocab_size,
+        block_size=cfg.n_positions,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        intermediate_size=cfg.n_inner or 4 * cfg.n_embd,
+        pos_encoding="learned",
+        norm="layernorm",
+        norm_eps=cfg.layer_norm_epsilon,
+        mlp="gelu",
+        gelu_approximate=_gelu_approximate(cfg, cfg.activation_function),
+        bias=True,
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
+    )
+
+
+_CONFIG_BUILDERS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "llama": _llama_config,
+    "gpt_neox": _neox_config,
+    "bloom": _bloom_config,
+    "gpt2": _gpt2_config,
+}
+
+
+def config_from_hf(hf_config: Any, **overrides: Any) -> TransformerConfig:
+    """Translate a ``transformers`` config (Llama, GPT-NeoX, BLOOM, GPT-2) into a :class:`TransformerConfig`.
+
+    Dropout is set to 0 (conversion is for inference and fine-tuning; pass ``dropout=...`` to change it).
+
+    Args:
+        hf_config: a ``transformers.PretrainedConfig`` (``model.config``).
+        **overrides: TransformerConfig fields to set on top, e.g. ``attention_backend="eager"``, ``dropout=0.1``.
+
+    Raises:
+        ValueError: for an unsupported ``model_type`` or an architectural option with no lightning_llm equivalent.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in _CONFIG_BUILDERS:
+        raise ValueError(
+            f"config_from_hf: unsupported Hugging Face config {type(hf_config).__name__} (model_type={model_type!r}); "
+            f"supported model types: {sorted(_CONFIG_BUILDERS)} (classes {_supported_list()})."
+        )
+    kwargs = _CONFIG_BUILDERS[model_type](hf_config)
+    kwargs["dropout"] = 0.0
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+# ======================================================================================================== weights
+def _split_fused_per_head(w: torch.Tensor, n_head: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """Split a per-head fused ``(H*3*D, ...)`` weight or bias into q, k, v of ``(H*D, ...)`` each."""
+    rest = w.shape[1:]
+    w = w.reshape(n_head, 3, head_dim, *rest)  # (H, 3, D, ...)
+    return tuple(w[:, i].reshape(n_head * head_dim, *rest) for i in range(3))  # 3 x (H*D, ...)
+
+
+def _bias_or_zeros(linear: nn.Module, out_features: int, like: torch.Tensor) -> torch.Tensor:
+    b = getattr(linear, "bias", None)
+    return b if b is not None else torch.zeros(out_features, dtype=like.dtype, device=like.device)
+
+
+def _linear(state: dict, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    state[f"{name}.weight"] = weight
+    if bias is not None:
+        state[f"{name}.bias"] = bias
+
+
+def _norm(state: dict, name: str, module: nn.Module) -> None:
+    state[f"{name}.weight"] = module.weight
+    if getattr(module, "bias", None) is not None:
+        state[f"{name}.bias"] = module.bias
+
+
+def _head(state: dict, hf_model: nn.Module, config: TransformerConfig) -> None:
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = hf_model.get_output_embeddings().weight
+
+
+def _llama_state(hf: nn.Module, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    base, state = hf.model, {}
+    state["wte.weight"] = base.embed_tokens.weight
+    for i, layer in enumerate(base.layers):
+        p, attn, mlp = f"blocks.{i}", layer.self_attn, layer.mlp
+        _norm(state, f"{p}.norm_1", layer.input_layernorm)
+        _norm(state, f"{p}.norm_2", layer.post_attention_layernorm)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lin = getattr(attn, name)
+            bias = _bias_or_zeros(lin, lin.weight.shape[0], lin.weight) if config.bias else None
+            _linear(state, f"{p}.attn.{name}", lin.weight, bias)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(mlp, name)
+            bias = _bias_or_zeros(lin, lin.weight.shape[0], lin.weight) if config.bias else None
+            _linear(state, f"{p}.mlp.{name}", lin.weight, bias)
+    _norm(state, "norm_f", base.norm)
+    _head(state, hf, config)
+    return state
+
+
+def _fused_attention(state: dict, p: str, qkv: nn.Module, dense: nn.Module, config: TransformerConfig) -> None:
+    h, d = config.n_head, config.head_dim
+    qkv_bias = _bias_or_zeros(qkv, 3 * h * d, qkv.weight)
+    for name, w, b in zip(
+        ("q_proj", "k_proj", "v_proj"),
+        _split_fused_per_head(qkv.weight, h, d),
+        _split_fused_per_head(qkv_bias, h, d),
+        strict=True,
+    ):
+        _linear(state, f"{p}.attn.{name}", w, b)
+    _linear(state, f"{p}.attn.o_proj", dense.weight, _bias_or_zeros(dense, dense.weight.shape[0], dense.weight))
+
+
+def _neox_state(hf: nn.Module, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    base, state = hf.gpt_neox, {}
+    state["wte.weight"] = base.embed_in.weight
+    for i, layer in enumerate(base.layers):
+        p = f"blocks.{i}"
+        _norm(state, f"{p}.norm_1", layer.input_layernorm)
+        _norm(state, f"{p}.norm_2", layer.post_attention_layernorm)
+        _fused_attention(state, p, layer.attention.query_key_value, layer.attention.dense, config)
+        _linear(state, f"{p}.mlp.up_proj", layer.mlp.dense_h_to_4h.weight, layer.mlp.dense_h_to_4h.bias)
+        _linear(state, f"{p}.mlp.down_proj", layer.mlp.dense_4h_to_h.weight, layer.mlp.dense_4h_to_h.bias)
+    _norm(state, "norm_f", base.final_layer_norm)
+    _head(state, hf, config)
+    return state
+
+
+def _bloom_state(hf: nn.Module, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    base, state = hf.transformer, {}
+    state["wte.weight"] = base.word_embeddings.weight
+    _norm(state, "emb_norm", base.word_embeddings_layernorm)
+    for i, layer in enumerate(base.h):
+        p = f"blocks.{i}"
+        _norm(state, f"{p}.norm_1", layer.input_layernorm)
+        _norm(state, f"{p}.norm_2", layer.post_attention_layernorm)
+        _fused_attention(state, p, layer.self_attention.query_key_value, layer.self_attention.dense, config)
+        _linear(state, f"{p}.mlp.up_proj", layer.mlp.dense_h_to_4h.weight, layer.mlp.dense_h_to_4h.bias)
+        _linear(state, f"{p}.mlp.down_proj", layer.mlp.dense_4h_to_h.weight, layer.mlp.dense_4h_to_h.bias)
+    _norm(state, "norm_f", base.ln_f)
+    _head(state, hf, config)
+    return state
+
+
+def _gpt2_state(hf: nn.Module, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    base, state, cfg = hf.transformer, {}, hf.config
+    c, d = config.n_embd, config.head_dim
+    state["wte.weight"] = base.wte.weight
+    state["wpe.weight"] = base.wpe.weight
+    for i, layer in enumerate(base.h):
+        p, attn, mlp = f"blocks.{i}", layer.attn, layer.mlp
+        _norm(state, f"{p}.norm_1", layer.ln_1)
+        _norm(state, f"{p}.norm_2", layer.ln_2)
+        # Conv1D computes x @ W + b with W (in, out): our Linear weight is W.T
+        q, k, v = attn.c_attn.weight.t().split(c, dim=0)  # 3 x (C, C)
+        qb, kb, vb = attn.c_attn.bias.split(c, dim=0)  # 3 x (C,)
+        # GPT-2's scale is 1/sqrt(D) (if scale_attn_weights) / (layer+1) (if scale_attn_by_inverse_layer_idx); ours is
+        # always 1/sqrt(D), so the ratio is folded into the query projection (scores are linear in q)
+        ratio = (1.0 if getattr(cfg, "scale_attn_weights", True) else math.sqrt(d)) / (
+            i + 1.0 if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) else 1.0
+        )
+        if ratio != 1.0:
+            q, qb = q * ratio, qb * ratio
+        _linear(state, f"{p}.attn.q_proj", q, qb)
+        _linear(state, f"{p}.attn.k_proj", k, kb)
+        _linear(state, f"{p}.attn.v_proj", v, vb)
+        _linear(state, f"{p}.attn.o_proj", attn.c_proj.weight.t(), attn.c_proj.bias)
+        _linear(state, f"{p}.mlp.up_proj", mlp.c_fc.weight.t(), mlp.c_fc.bias)
+        _linear(state, f"{p}.mlp.down_proj", mlp.c_proj.weight.t(), mlp.c_proj.bias)
+    _norm(state, "norm_f", base.ln_f)
+    _head(state, hf, config)
+    return state
+
+
+_STATE_BUILDERS: dict[str, Callable[[nn.Module, TransformerConfig], dict[str, torch.Tensor]]] = {
+    "llama": _llama_state,
+    "gpt_neox": _neox_state,
+    "bloom": _bloom_state,
+    "gpt2": _gpt2_state,
+}
+
+
+def _materialise(config: TransformerConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    """Build a :class:`Transformer` holding exactly ``state`` without a wasted random initialisation."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    # non-persistent buffers are not in a state dict: rebuild them on the weights' device
+    device = model.wte.weight.device
+    for module in model.modules():
+        slopes = getattr(module, "alibi_slopes", None)
+        if isinstance(slopes, torch.Tensor) and slopes.is_meta:
+            from lightning_llm.nn.alibi import alibi_slopes
+
+            module.alibi_slopes = alibi_slopes(config.n_head).to(device)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        # an unknown buffer: fall back to the slow but generic path (materialise, initialise, copy)
+        model = Transformer(config).to(device)
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def _architecture(hf_model: Any) -> str:
+    name = type(hf_model).__name__
+    if name in SUPPORTED_ARCHITECTURES:
+        return SUPPORTED_ARCHITECTURES[name]
+    for cls in type(hf_model).__mro__:  # subclasses of a supported class convert like it
+        if cls.__name__ in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[cls.__name__]
+    raise ValueError(
+        f"from_hf: unsupported Hugging Face architecture {name}; supported: {_supported_list()}. "
+        "Load the causal-LM class (e.g. AutoModelForCausalLM), not a base model or another head."
+    )
+
+
+def _load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None) -> nn.Module:
+    transformers = _require_transformers()
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+        kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = dtype
+    return transformers.AutoModelForCausalLM.from_pretrained(os.fspath(path), **kwargs)
+
+
+def from_hf(
+    hf_model_or_path: nn.Module | str | os.PathLike, dtype: torch.dtype | None = None, **overrides: Any
+) -> Transformer:
+    """Convert a Hugging Face causal LM into a :class:`~lightning_llm.nn.transformer.Transformer` with the same weights.
+
+    Args:
+        hf_model_or_path: a ``LlamaForCausalLM``, ``GPTNeoXForCausalLM``, ``BloomForCausalLM`` or ``GPT2LMHeadModel``
+            instance, or a path (or hub name) given to ``transformers.AutoModelForCausalLM.from_pretrained``.
+        dtype: dtype of the returned model's parameters (default: the Hugging Face model's).
+        **overrides: TransformerConfig fields to override (e.g. ``attention_backend="eager"``, ``dropout=0.1``).
+
+    Returns:
+        A Transformer on the Hugging Face model's device, in its train/eval mode, with copies of its weights
+        (the two models share no storage). ``model(input_ids)`` gives the same logits ``(B, T, V)``.
+
+    Raises:
+        ValueError: unsupported architecture or option. TypeError: neither a model nor a path.
+    """
+    if isinstance(hf_model_or_path, (str, os.PathLike)):
+        hf_model = _load_pretrained(hf_model_or_path, dtype)
+    elif isinstance(hf_model_or_path, nn.Module) and hasattr(hf_model_or_path, "config"):
+        hf_model = hf_model_or_path
+    else:
+        raise TypeError(
+            "from_hf: hf_model_or_path must be a Hugging Face PreTrainedModel or a local directory / hub name, got "
+            f"{type(hf_model_or_path).__name__}."
+        )
+    arch = _architecture(hf_model)
+    # the embedding table is the truth (a resized vocabulary may not have reached config.vocab_size)
+    overrides.setdefault("vocab_size", hf_model.get_input_embeddings().weight.shape[0])
+    config = config_from_hf(hf_model.config, **overrides)
+    param = next(hf_model.parameters())
+    dtype = dtype or param.dtype
+    with torch.no_grad():
+        state = _STATE_BUILDERS[arch](hf_model, config)
+        state = {k: v.detach().to(dtype=dtype, copy=True) for k, v in state.items()}
+    model = _materialise(config, state)
+    return model.train(hf_model.training)
+
+
+# ======================================================================================================== to_hf
+def _check_llama_shaped(config: TransformerConfig) -> None:
+    problems = []
+    if config.pos_encoding != "rope":
+        problems.append(f"pos_encoding={config.pos_encoding!r} (needs 'rope')")
+    if config.partial_rotary_factor != 1.0:
+        problems.append(f"partial_rotary_factor={config.partial_rotary_factor} (needs 1.0)")
+    if config.norm != "rmsnorm":
+        problems.append(f"norm={config.norm!r} (needs 'rmsnorm')")
+    if config.mlp != "swiglu":
+        problems.append(f"mlp={config.mlp!r} (needs 'swiglu')")
+    if config.parallel_residual:
+        problems.append("parallel_residual=True (needs False)")
+    if config.embedding_norm:
+        problems.append("embedding_norm=True (needs False)")
+    if config.lm_head_bias:
+        problems.append("lm_head_bias=True (needs False)")
+    if problems:
+        raise ValueError(
+            "to_hf converts Llama-shaped configurations only (RoPE over the whole head, RMSNorm, SwiGLU, sequential "
+            "residual, no embedding norm or output bias); this model has " + "; ".join(problems) + ". Use "
+            "from_hf-compatible settings or keep the model in lightning_llm."
+        )
+
+
+def _interleaved_to_half(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Permute q/k projection rows so that the half (rotate_half) layout computes what interleaved did.
+
+    Interleaved rotates pairs (2i, 2i+1) by angle i, half rotates (i, i + D/2): row i of the new head is old row 2i and
+    row i + D/2 is old row 2i + 1. q.k is unchanged because q and k are permuted alike.
+    """
+    perm = torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+    rest = w.shape[1:]
+    return w.reshape(n_heads, head_dim, *rest)[:, perm].reshape(n_heads * head_dim, *rest)  # (H*D, ...)
+
+
+def _hf_rope_scaling(config: TransformerConfig) -> tuple[dict[str, Any] | None, int]:
+    """Hugging Face ``rope_scaling`` dict and ``max_position_embeddings`` reproducing our RoPE."""
+    scaling = config.rope_scaling
+    if scaling is None:
+        return None, config.block_size
+    kind = scaling["type"]
+    out = {k: scaling[k] for k in _ROPE_KEYS if scaling.get(k) is not None}
+    out["rope_type"] = kind
+    original = scaling.get("original_max_position_embeddings") or config.block_size
+    max_pos = config.block_size
+    if kind == "dynamic":  # HF's dynamic NTK grows past max_position_embeddings
+        out.pop("original_max_position_embeddings", None)
+        max_pos = original
+    elif kind in ("yarn", "llama3"):
+        out["original_max_position_embeddings"] = original
+    if kind == "llama3":  # lightning_llm.nn.rope's defaults; HF requires them spelled out
+        out.setdefault("low_freq_factor", 1.0)
+        out.setdefault("high_freq_factor", 4.0)
+    return out, max_pos
+
+
+def to_hf(model: Transformer, **hf_config_kwargs: Any):
+    """Convert a Llama-shaped :class:`Transformer` into a ``transformers.LlamaForCausalLM`` with the same logits.
+
+    Llama-shaped: RoPE over the whole head (half or interleaved layout; interleaved is permuted into the half layout),
+    RMSNorm, SwiGLU, sequential residual, no embedding norm, no output bias. Projection biases become
+    ``attention_bias=mlp_bias=True``; grouped-query heads, tied embeddings and rope scaling carry over. A padded
+    vocabulary is cut back to ``vocab_size`` rows.
+
+    Args:
+        model: the model to convert.
+        **hf_config_kwargs: extra ``LlamaConfig`` arguments (``bos_token_id``, ``eos_token_id``, ``pad_token_id``,
+            ``attn_implementation``, ...); token ids default to None.
+
+    Returns:
+        A ``LlamaForCausalLM`` on the model's device and dtype, in the model's train/eval mode.
+    """
+    transformers = _require_transformers()
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    if not isinstance(model, Transformer):
+        raise TypeError(f"to_hf: model must be a lightning_llm.nn.Transformer, got {type(model).__name__}.")
+    config = model.config
+    _check_llama_shaped(config)
+    scaling, max_pos = _hf_rope_scaling(config)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=max_pos,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_base,
+        rope_scaling=scaling,
+        attention_bias=config.bias,
+        mlp_bias=config.bias,
+        attention_dropout=config.dropout,
+        tie_word_embeddings=config.tie_embeddings,
+        initializer_range=config.init_std,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    kwargs.update(hf_config_kwargs)
+    hf_config = transformers.LlamaConfig(**kwargs)
+    hf_config.architectures = ["LlamaForCausalLM"]
+
+    v, h, g, d = config.vocab_size, config.n_head, config.n_kv_head, config.head_dim
+    src = model.state_dict()
+    state: dict[str, torch.Tensor] = {"model.embed_tokens.weight": src["wte.weight"][:v]}
+    for i in range(config.n_layer):
+        p, q = f"blocks.{i}", f"model.layers.{i}"
+        state[f"{q}.input_layernorm.weight"] = src[f"{p}.norm_1.weight"]
+        state[f"{q}.post_attention_layernorm.weight"] = src[f"{p}.norm_2.weight"]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for kind in ("weight", "bias") if config.bias else ("weight",):
+                t = src[f"{p}.attn.{name}.{kind}"]
+                if config.rope_layout == "interleaved" and name in ("q_proj", "k_proj"):
+                    t = _interleaved_to_half(t, h if name == "q_proj" else g, d)
+                state[f"{q}.self_attn.{name}.{kind}"] = t
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            for kind in ("weight", "bias") if config.bias else ("weight",):
+                state[f"{q}.mlp.{name}.{kind}"] = src[f"{p}.mlp.{name}.{kind}"]
+    state["model.norm.weight"] = src["norm_f.weight"]
+    state["lm_head.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+
+    param = model.wte.weight
+    hf = transformers.LlamaForCausalLM(hf_config).to(device=param.device, dtype=param.dtype)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:  # pragma: no cover - a transformers layout change
+        raise RuntimeError(f"to_hf: LlamaForCausalLM layout mismatch: missing {missing}, unexpected {unexpected}.")
+    if config.tie_embeddings:
+        hf.tie_weights()
+    return hf.train(model.training)
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> Any:
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
+        return tokenizer
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover
+        Tokenizer = ()  # noqa: N806
+    if isinstance(tokenizer, Tokenizer):
+        from transformers import PreTrainedTokenizerFast
+
+        wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+        wrapped.save_pretrained(directory)
+        return wrapped
+    raise TypeError(
+        "save_hf: tokenizer must be a Hugging Face tokenizer (with save_pretrained) or a tokenizers.Tokenizer, got "
+        f"{type(tokenizer).__name__}."
+    )
+
+
+def save_hf(model: Transformer, directory: str | os.PathLike, tokenizer: Any = None, **hf_config_kwargs: Any) -> Path:
+    """Write a Hugging Face checkpoint directory (``config.json``, weights, optional tokenizer) for ``model``.
+
+    The directory loads back with ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` (and
+    ``AutoTokenizer.from_pretrained`` when a tokenizer was given), or with :func:`from_hf`.
+
+    Args:
+        model: a Llama-shaped :class:`Transformer` (see :func:`to_hf`).
+        directory: output directory (created if needed).
+        tokenizer: optional Hugging Face tokenizer or ``tokenizers.Tokenizer`` to save beside the weights; its
+            bos/eos/pad ids go into the config unless given in ``hf_config_kwargs``.
+        **hf_config_kwargs: extra ``LlamaConfig`` arguments, as for :func:`to_hf`.
+
+    Returns:
+        The directory as a :class:`~pathlib.Path`.
+    """
+    _require_transformers()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    saved_tokenizer = _save_tokenizer(tokenizer, directory) if tokenizer is not None else None
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(saved_tokenizer, key, None)
+        if value is not None:
+            hf_config_kwargs.setdefault(key, value)
+    hf = to_hf(model, **hf_config_kwargs)
+    hf.save_pretrained(directory)
+    return directory
