@@ -21,6 +21,9 @@ from lightning_llm.nn.transformer import Transformer
 
 IGNORE_INDEX = -100
 
+# checkpoints store the config dataclass in `hyper_parameters`; allow it under torch.load(weights_only=True) (resume)
+torch.serialization.add_safe_globals([TransformerConfig])
+
 
 def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1):
     """Multiplier for ``LambdaLR``: linear warmup from 0 to 1 over ``warmup_steps``, then cosine to ``min_lr_ratio``."""
@@ -116,7 +119,9 @@ class CausalLM(L.LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 / tensor parallel
             from lightning_llm.strategies import parallelize
 
-            parallelize(self.model, self.device_mesh, **(hp.parallel or {}))
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            options = {**getattr(strategy, "parallelize_kwargs", {}), **(hp.parallel or {})}  # module's win
+            parallelize(self.model, self.device_mesh, **options)
         elif hp.compile:
             self.model = torch.compile(self.model)
 
@@ -243,15 +248,16 @@ class CausalLM(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store what is needed to rebuild model and tokenizer: the config dict and the tokenizer's JSON."""
+        """Store what is needed to rebuild model and tokenizer: the config dict, the tokenizer's JSON and special ids."""
         if self.config is not None:
             checkpoint["transformer_config"] = self.config.to_dict()
         if self.tokenizer is not None and hasattr(self.tokenizer, "to_str"):
             checkpoint["tokenizer_json"] = self.tokenizer.to_str()
+            checkpoint["tokenizer_special_ids"] = dict(self.tokenizer.special_ids)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "tokenizer_json" in checkpoint and self.tokenizer is None:
             from lightning_llm.data.tokenizer import Tokenizer
 
-            if hasattr(Tokenizer, "from_str"):
-                self.tokenizer = Tokenizer.from_str(checkpoint["tokenizer_json"])
+            special = checkpoint.get("tokenizer_special_ids", {})
+            self.tokenizer = Tokenizer.from_str(checkpoint["tokenizer_json"], **special)

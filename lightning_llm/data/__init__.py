@@ -1,0 +1,46 @@
+"""Data: the embedded corpus, tokenizers and LightningDataModules for causal-LM training and LAMBADA.
+
+Names are imported lazily on first access, so ``import lightning_llm.data.corpus`` (or ``.tokenizer``) does not pull
+in Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "embedded_corpus": "lightning_llm.data.corpus",
+    "embedded_documents": "lightning_llm.data.corpus",
+    "embedded_split_documents": "lightning_llm.data.corpus",
+    "embedded_splits": "lightning_llm.data.corpus",
+    "split_documents": "lightning_llm.data.corpus",
+    "EOS_TOKEN": "lightning_llm.data.tokenizer",
+    "Tokenizer": "lightning_llm.data.tokenizer",
+    "load_tokenizer": "lightning_llm.data.tokenizer",
+    "IGNORE_INDEX": "lightning_llm.data.text",
+    "PackedBlockDataset": "lightning_llm.data.text",
+    "TextDataModule": "lightning_llm.data.text",
+    "load_documents": "lightning_llm.data.text",
+    "pack_documents": "lightning_llm.data.text",
+    "LambadaDataModule": "lightning_llm.data.lambada",
+    "collate_lambada": "lightning_llm.data.lambada",
+    "encode_lambada": "lightning_llm.data.lambada",
+    "harness_order": "lightning_llm.data.lambada",
+    "lambada_split": "lightning_llm.data.lambada",
+    "read_lambada_jsonl": "lightning_llm.data.lambada",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_llm.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
