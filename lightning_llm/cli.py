@@ -30,11 +30,11 @@ def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 def write_metrics(trainer: L.Trainer, stage: str, extra: dict[str, float] | None = None) -> str | None:
     """Write ``trainer.callback_metrics`` (plus ``extra``) to ``<log_dir>/<stage>_metrics.json`` on rank zero."""
+    log_dir = trainer.log_dir or trainer.default_root_dir  # a collective (broadcast) under DDP/FSDP: all ranks call it
     if not trainer.is_global_zero:
         return None
     metrics = metrics_to_floats(trainer.callback_metrics)
     metrics.update(extra or {})
-    log_dir = trainer.log_dir or trainer.default_root_dir
     os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(log_dir, f"{stage}_metrics.json")
     safe = {k: (v if math.isfinite(v) else str(v)) for k, v in sorted(metrics.items())}
@@ -64,6 +64,10 @@ class LightningLLMCLI(LightningCLI):
             trainer.validate(self.model, datamodule=datamodule, verbose=False)
             fit_metrics.update(trainer.callback_metrics)
             trainer.callback_metrics.update(fit_metrics)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero and hasattr(tokenizer, "save"):  # the tokenizer travels beside the checkpoints
+            tokenizer.save(os.path.join(log_dir, "tokenizer"))
         if hasattr(datamodule, "unigram_perplexity"):
             extra["data/val_unigram_ppl"] = float(datamodule.unigram_perplexity("val"))
         self._finish("fit", extra)

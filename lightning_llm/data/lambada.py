@@ -215,14 +215,14 @@ class LambadaDataModule(L.LightningDataModule):
 
     Args:
         path: A Hugging Face dataset name (default ``"EleutherAI/lambada_openai"``, loaded with
-            ``datasets.load_dataset(path, config, split=split)``), a local ``.jsonl`` of ``{"text": ...}``
+            ``datasets.load_dataset(path, dataset_config, split=split)``), a local ``.jsonl`` of ``{"text": ...}``
             lines, or a local dataset directory.
         tokenizer: The model's tokenizer: a :class:`Tokenizer`, or a path / hub name for
             :meth:`Tokenizer.from_pretrained`. May be set later (``dm.tokenizer = ...``) before ``setup``.
         batch_size: B.
         max_examples: Use only the first this-many passages (file order).
         max_length: The model's context length (harness ``max_length``).
-        config: Dataset configuration for hub datasets (the harness uses ``"default"``).
+        dataset_config: Dataset configuration for hub datasets (the harness uses ``"default"``).
         split: Dataset split for hub datasets (the harness uses ``"test"``).
         num_workers: DataLoader workers.
 
@@ -237,7 +237,7 @@ class LambadaDataModule(L.LightningDataModule):
         batch_size: int = 16,
         max_examples: int | None = None,
         max_length: int = 2048,
-        config: str | None = "default",
+        dataset_config: str | None = "default",
         split: str = "test",
         num_workers: int = 0,
     ) -> None:
@@ -256,7 +256,7 @@ class LambadaDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.max_examples = max_examples
         self.max_length = max_length
-        self.config = config
+        self.dataset_config = dataset_config
         self.split = split
         self.num_workers = num_workers
         self._tokenizer_spec = tokenizer
@@ -284,6 +284,11 @@ class LambadaDataModule(L.LightningDataModule):
         self._tokenizer = value if isinstance(value, Tokenizer) else None
         self._examples = self._order = None
 
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size (the CLI links it to the model's ``vocab_size``)."""
+        return self.tokenizer.vocab_size
+
     def load_texts(self) -> list[str]:
         """The passages, from the local file/directory or the hub (first ``max_examples`` of them)."""
         local = Path(self.path).expanduser()
@@ -300,10 +305,10 @@ class LambadaDataModule(L.LightningDataModule):
                 if local.is_dir():
                     ds = datasets.load_dataset(str(local), split=self.split)
                 else:
-                    ds = datasets.load_dataset(self.path, self.config, split=self.split)
+                    ds = datasets.load_dataset(self.path, self.dataset_config, split=self.split)
             except Exception as err:  # noqa: BLE001 - re-raised with the argument and the fix
                 raise ValueError(
-                    f"`path`={self.path!r} (config {self.config!r}, split {self.split!r}) could not be loaded with "
+                    f"`path`={self.path!r} (config {self.dataset_config!r}, split {self.split!r}) could not be loaded with "
                     f"`datasets.load_dataset`: {type(err).__name__}: {err}. Offline, pass a local .jsonl file."
                 ) from err
             if "text" not in ds.column_names:

@@ -142,10 +142,10 @@ class CausalLM(L.LightningModule):
         if tokenizer is not None:
             self.tokenizer = tokenizer
             n = getattr(tokenizer, "vocab_size", None)
-            if n is not None and self.model is not None and n > self.vocab_size:
+            if n is not None and not self.is_hf and n > self.config.vocab_size:
                 raise ValueError(
                     f"Tokenizer/model vocabulary mismatch: the tokenizer has {n} tokens but the model's vocab_size is "
-                    f"{self.vocab_size}. Set model vocab_size={n} (the CLI links it from data.vocab_size)."
+                    f"{self.config.vocab_size}. Set model vocab_size={n} (the CLI links it from data.vocab_size)."
                 )
 
     # -------------------------------------------------------------------------------------------------- forward
