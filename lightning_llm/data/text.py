@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_llm.checkpoint import ResumableDataLoader
 from lightning_llm.data._cache import atomic_torch_save, hash_json, hash_texts, resolve_cache_dir
 from lightning_llm.data.corpus import (
     EMBEDDED_CORPUS_VERSION,
@@ -479,7 +480,9 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        # the training loader saves its position in checkpoints, so a run resumed mid-epoch continues exactly
+        loader_cls = ResumableDataLoader if shuffle else DataLoader
+        return loader_cls(
             self._dataset(split),
             batch_size=self.batch_size,
             shuffle=shuffle,

@@ -80,7 +80,9 @@ class CausalLM(L.LightningModule):
         if config is None and pretrained is None:
             config = TransformerConfig()
         if config is not None and vocab_size is not None and vocab_size != config.vocab_size:
-            config = TransformerConfig.from_dict({**config.to_dict(), "vocab_size": vocab_size, "padded_vocab_size": None})
+            config = TransformerConfig.from_dict(
+                {**config.to_dict(), "vocab_size": vocab_size, "padded_vocab_size": None}
+            )
         self.config = config
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
@@ -243,7 +245,9 @@ class CausalLM(L.LightningModule):
         else:
             total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
             warmup = min(hp.warmup_steps, max(0, total // 2))
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(warmup, total, hp.min_lr_ratio))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, warmup_cosine_lambda(warmup, total, hp.min_lr_ratio)
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------------- checkpoints
