@@ -19,7 +19,7 @@ such pad positions produce finite garbage that no loss or metric reads.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ class AttentionInputs:
         mask: boolean ``(B or 1, 1, T, S)`` (True = may attend) or ``None`` when plain causal attention applies.
         q_pos, k_pos: positions ``(B or 1, T)`` and ``(B or 1, S)``, used for ALiBi.
         is_causal: True when ``mask`` is None and the causal structure is the plain lower triangle.
+        cache: per-forward memo shared by all blocks (the ALiBi bias is built once, not once per layer).
     """
 
     cos: torch.Tensor | None
@@ -47,9 +48,11 @@ class AttentionInputs:
     q_pos: torch.Tensor
     k_pos: torch.Tensor
     is_causal: bool
+    cache: dict = field(default_factory=dict)
 
 
 _compiled_flex = None
+_block_masks: dict = {}
 
 
 def _flex_attention():
@@ -85,9 +88,7 @@ class CausalSelfAttention(nn.Module):
         else:
             self.alibi_slopes = None
 
-    def forward(
-        self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None, layer_idx: int = 0
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
         # local head counts (tensor parallelism shards the projections; views use -1 for the head axis)
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -99,6 +100,7 @@ class CausalSelfAttention(nn.Module):
             k = apply_rope(k, inputs.cos, inputs.sin, layout)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, G, S, D)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float32 cache under autocast: match the query's dtype
         y = self.attend(q, k, v, inputs)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
         return self.o_proj(y)
@@ -113,6 +115,7 @@ class CausalSelfAttention(nn.Module):
             and device.type == "cuda"
             and inputs.mask is None
             and inputs.is_causal
+            and not (self.training and self.dropout > 0)
             and flex_available()
         ):
             return "flex"
@@ -129,7 +132,16 @@ class CausalSelfAttention(nn.Module):
         n_local = q.shape[1]
         backend = self.backend(inputs, q.device)
         dropout = self.dropout if self.training else 0.0
-        if backend == "flex" and self.alibi_slopes is not None:
+        # FlexAttention here covers ALiBi with plain causal attention over as many keys as queries and no dropout;
+        # anything else (padding, a KV cache, dropout, no ALiBi) takes the SDPA path, which handles every case.
+        if (
+            backend == "flex"
+            and self.alibi_slopes is not None
+            and inputs.mask is None
+            and inputs.is_causal
+            and q.shape[-2] == k.shape[-2]
+            and dropout == 0.0
+        ):
             return self._flex(q, k, v, self._alibi_slopes(n_local, q.device))
         if k.shape[1] != n_local:  # grouped-query: repeat each kv head for its group of query heads
             rep = n_local // k.shape[1]
@@ -140,7 +152,13 @@ class CausalSelfAttention(nn.Module):
             return self._eager(q, k, v, inputs, bias, dropout)
         if bias is None and inputs.mask is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=inputs.is_causal)
-        attn_mask = inputs.mask if bias is None else bias.to(q.dtype)
+        if bias is None:
+            attn_mask = inputs.mask
+        else:
+            key = ("alibi_bias_as", q.dtype, n_local, getattr(self, "tp_rank", 0))
+            attn_mask = inputs.cache.get(key)
+            if attn_mask is None:
+                attn_mask = inputs.cache[key] = bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
 
     def _bias(self, inputs: AttentionInputs, n_local: int, device: torch.device) -> torch.Tensor | None:
@@ -148,13 +166,18 @@ class CausalSelfAttention(nn.Module):
         if self.alibi_slopes is None:
             return None
         slopes = self._alibi_slopes(n_local, device)
+        key = ("alibi_bias", n_local, getattr(self, "tp_rank", 0), device)
+        if key in inputs.cache:  # every layer has the same slopes: build the bias once per forward
+            return inputs.cache[key]
         rel = (inputs.k_pos[:, None, :] - inputs.q_pos[:, :, None]).to(torch.float32)  # (B, T, S)
         bias = slopes[None, :, None, None] * rel[:, None]  # (B, H, T, S)
         mask = inputs.mask
         if mask is None:  # plain causal: key slot j <= query slot i
             t, s = rel.shape[-2:]
             mask = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
-        return bias.masked_fill(~mask, float("-inf"))
+        bias = bias.masked_fill(~mask, float("-inf"))
+        inputs.cache[key] = bias
+        return bias
 
     def _eager(self, q, k, v, inputs: AttentionInputs, bias, dropout: float) -> torch.Tensor:
         scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
@@ -179,6 +202,10 @@ class CausalSelfAttention(nn.Module):
             return q_idx >= kv_idx
 
         t, s = q.shape[-2], k.shape[-2]
-        block_mask = create_block_mask(causal, B=None, H=None, Q_LEN=t, KV_LEN=s, device=q.device)
+        key = (t, s, str(q.device))
+        block_mask = _block_masks.get(key)
+        if block_mask is None:  # building a block mask costs a kernel launch and a sync: once per shape
+            block_mask = create_block_mask(causal, B=None, H=None, Q_LEN=t, KV_LEN=s, device=q.device)
+            _block_masks[key] = block_mask
         enable_gqa = k.shape[1] != q.shape[1]
         return _flex_attention()(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=enable_gqa)

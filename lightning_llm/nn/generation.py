@@ -42,7 +42,9 @@ class GenerationOutput:
         return self.sequences[:, self.prompt_length :]
 
 
-def left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``(B, P)`` ids and a ``(B, P)`` mask."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
@@ -71,6 +73,17 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
+
+
+def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Project only the last position's hidden state ``(B, C)`` to float32 logits ``(B, V)``.
+
+    The prefill never materialises ``(B, P, V)`` logits (``B * P * V`` floats: gigabytes for long prompts and large
+    vocabularies); Hugging Face's ``generate`` does the same with ``logits_to_keep=1``.
+    """
+    bias = model.lm_head.bias if model.lm_head is not None else None
+    logits = torch.nn.functional.linear(hidden, model.output_weight, bias)  # (B, V_padded)
+    return logits[:, : model.config.vocab_size].float()
 
 
 @torch.no_grad()
@@ -125,9 +138,10 @@ def generate(
     step_ids = ids
     for _ in range(max_new_tokens):
         if use_cache:
-            logits = model(step_ids, attention_mask=seq_mask, kv_cache=cache)[:, -1].float()  # (B, V)
+            hidden = model(step_ids, attention_mask=seq_mask, kv_cache=cache, return_hidden=True)[:, -1]  # (B, C)
         else:
-            logits = model(seq, attention_mask=seq_mask)[:, -1].float()  # (B, V)
+            hidden = model(seq, attention_mask=seq_mask, return_hidden=True)[:, -1]  # (B, C)
+        logits = _last_logits(model, hidden)  # (B, V)
         if temperature == 0:
             token = logits.argmax(-1)
             logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)

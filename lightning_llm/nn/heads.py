@@ -11,10 +11,65 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-              ignore_index: int) -> torch.Tensor:
+def _chunk_ce(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias).float()  # (n, V) float32 for this chunk only
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+
+
+def _is_plain(t: torch.Tensor | None) -> bool:
+    """A dense tensor or Parameter (not a DTensor or another subclass, which take the generic autograd path)."""
+    return t is None or type(t) in (torch.Tensor, nn.Parameter)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` whose gradients are computed in the forward, chunk by chunk.
+
+    For each chunk of rows: ``logits`` (n, V) in float32, ``loss = logsumexp(logits) - logits[target]``, then in place
+    ``d_logits = softmax(logits) - onehot(target)`` (zero on ignored rows), ``grad_hidden = d_logits @ W``,
+    ``grad_W += d_logits.T @ hidden``, ``grad_b += d_logits.sum(0)``. The backward only multiplies the stored gradients
+    by the incoming scalar. Compared with autograd over ``F.cross_entropy`` this needs no second logits matmul (no
+    recomputation) and no (N, V) log-softmax, zero-fill and scatter passes; peak extra memory is one (n, V) float32 chunk
+    plus float32 gradients of ``hidden`` and ``weight``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index: int, chunk_size: int):  # noqa: D102
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        valid = targets != ignore_index  # (N,)
+        safe = torch.where(valid, targets, torch.zeros_like(targets))  # (N,) ignored rows point at class 0
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, n, chunk_size):
+            sl = slice(start, start + chunk_size)
+            h, t, v = hidden[sl], safe[sl], valid[sl]
+            logits = F.linear(h, weight, bias).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * v).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
+            d.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot target
+            d.mul_(v[:, None])  # ignored rows contribute nothing
+            d = d.to(weight.dtype)
+            if need_h:
+                grad_h[sl] = d @ weight  # (n, C)
+            if need_w:
+                grad_w += d.t() @ h.to(d.dtype)  # (V, C)
+            if need_b:
+                grad_b += d.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None
 
 
 def chunked_cross_entropy(
@@ -28,15 +83,20 @@ def chunked_cross_entropy(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of ``hidden @ weight.T`` without holding all ``(N, V)`` logits at once.
 
-    Design choice: rows are processed in chunks of ``chunk_size`` and each chunk is wrapped in activation
-    checkpointing, so the forward keeps only the hidden chunk and backward recomputes the chunk's logits. Peak extra
-    memory is one ``(chunk_size, V)`` float32 block instead of ``(N, V)`` in the compute dtype plus its float32 copy.
-    When ``N * V`` is small (a single chunk) the plain path is taken: there is nothing to save.
+    Design choice: rows are processed in chunks of ``chunk_size``. When gradients are needed, a fused
+    linear + cross-entropy autograd function computes each chunk's gradients right after its loss (Liger-Kernel style),
+    so nothing is recomputed in the backward and only one ``(chunk_size, V)`` float32 block of logits exists at a time.
+    Subclassed tensors (DTensor under tensor parallelism) take a generic path instead: each chunk under activation
+    checkpointing (backward recomputes the chunk's logits), or plain ``F.cross_entropy`` when there is one chunk.
+    The mean is over rows whose target is not ``ignore_index``; if every row is ignored the loss is 0 (not nan).
 
     Args:
         hidden: ``(N, C)`` final hidden states.
         weight: ``(V_padded, C)`` output projection.
         targets: ``(N,)`` next-token ids, ``ignore_index`` where not scored.
+        bias: ``(V_padded,)`` optional output bias.
+        ignore_index: target value of rows that are not scored.
+        chunk_size: rows per chunk.
         vocab_size: the real vocabulary when ``weight`` is padded; padded logits are excluded from the softmax.
     """
     if vocab_size is not None and vocab_size < weight.shape[0]:
@@ -44,13 +104,16 @@ def chunked_cross_entropy(
         bias = bias[:vocab_size] if bias is not None else None
     n = hidden.shape[0]
     count = (targets != ignore_index).sum()
-    if n <= chunk_size:
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad and _is_plain(hidden) and _is_plain(weight) and _is_plain(bias):
+        total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_size)
+    elif n <= chunk_size:
         total = _chunk_ce(hidden, weight, bias, targets, ignore_index)
     else:
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
-            if torch.is_grad_enabled() and hidden.requires_grad:
+            if needs_grad:
                 total = total + checkpoint(
                     _chunk_ce, hidden[sl], weight, bias, targets[sl], ignore_index, use_reentrant=False
                 )

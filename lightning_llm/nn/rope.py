@@ -37,7 +37,9 @@ def rope_inv_freq(
     original = scaling.get("original_max_position_embeddings") or max_position
     if kind == "linear":
         return inv_freq / factor, 1.0
-    if kind == "dynamic":  # depends on the current length: see dynamic_ntk_base; at or below the original length it is plain
+    if (
+        kind == "dynamic"
+    ):  # depends on the current length: see dynamic_ntk_base; at or below the original length it is plain
         return inv_freq, 1.0
     if kind == "llama3":
         low_freq_factor = float(scaling.get("low_freq_factor", 1.0))

@@ -22,6 +22,12 @@ from lightning_llm.nn.heads import chunked_cross_entropy
 from lightning_llm.nn.kv_cache import KVCache
 from lightning_llm.nn.rope import rope_cos_sin
 
+_HAS_FUSED_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter)
+
 
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x^2) + eps) * weight``, normalised in float32 and cast back before the weight (as Llama)."""
@@ -32,6 +38,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            _HAS_FUSED_RMS_NORM
+            and x.dtype == self.weight.dtype == torch.float32
+            and _is_plain(x)
+            and _is_plain(self.weight)
+        ):
+            # the same formula in one fused kernel (forward and backward): float32 in, nothing to cast
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -161,6 +175,11 @@ class Transformer(nn.Module):
         cfg = self.config
         past = kv_cache.length if kv_cache is not None else 0
         s = past + t
+        if kv_cache is not None and s > kv_cache.max_length:
+            raise ValueError(
+                f"KVCache overflow: {s} slots needed but max_length is {kv_cache.max_length}; "
+                "allocate the cache with max_length >= prompt length + max_new_tokens."
+            )
         if attention_mask is not None:
             if attention_mask.shape != (batch, s):
                 raise ValueError(
