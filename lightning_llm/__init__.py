@@ -23,6 +23,8 @@ _EXPORTS = {
     "TextDataModule": "lightning_llm.data",
     "LambadaDataModule": "lightning_llm.data",
     "Tokenizer": "lightning_llm.data",
+    "PreferenceDataModule": "lightning_llm.data",
+    "PromptDataModule": "lightning_llm.data",
     "Perplexity": "lightning_llm.metrics",
     "LambadaAccuracy": "lightning_llm.metrics",
     "HELMCalibration": "lightning_llm.metrics",

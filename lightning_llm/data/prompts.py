@@ -1,0 +1,183 @@
+"""``PromptDataModule``: prompts for on-policy RL (PPO), batched as ``{"prompt": list[str], "prompt_ids": list[list[int]]}``.
+
+Sources: an explicit list of prompts, ``"synthetic"`` (the embedded letters task of
+:mod:`lightning_llm.data.synthetic`), a local ``.jsonl`` / ``.json`` file or a Hugging Face dataset with a prompt
+column (read with ``datasets.load_dataset``). Conversational prompts (lists of ``{"role", "content"}`` messages,
+TRL's "prompt-only" format) are rendered with a chat template and the generation prompt through
+``trl.data_utils.maybe_apply_chat_template``.
+
+Prompts stay as Python lists of token ids (no padding here): :func:`lightning_llm.nn.generate` left-pads them, which is
+what batched KV-cache decoding needs.
+
+Notation: B batch of prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_llm.data.preference import ChatTemplate, _looks_like_file, _split, load_records, resolve_tokenizer
+from lightning_llm.data.synthetic import synthetic_prompts
+from lightning_llm.data.tokenizer import Tokenizer
+
+__all__ = ["PromptDataModule", "PromptDataset", "collate_prompts"]
+
+
+def _prompt_text(row: Any, field: str, template: ChatTemplate) -> str:
+    value = row.get(field) if isinstance(row, dict) else row
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        from trl.data_utils import maybe_apply_chat_template
+
+        return maybe_apply_chat_template({"prompt": value}, template)["prompt"]
+    raise TypeError(
+        f"A prompt must be a string or a list of chat messages; got {type(value).__name__} in field {field!r} of "
+        f"{row!r}. Set `prompt_field` to the dataset's prompt column."
+    )
+
+
+class PromptDataset(Dataset):
+    """Prompts as text and token ids."""
+
+    def __init__(self, prompts: list[str], prompt_ids: list[list[int]]) -> None:
+        self.prompts, self.prompt_ids = prompts, prompt_ids
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"prompt": self.prompts[index], "prompt_ids": self.prompt_ids[index]}
+
+
+def collate_prompts(items: list[dict[str, Any]]) -> dict[str, list]:
+    """``[{"prompt", "prompt_ids"}] -> {"prompt": list[str], "prompt_ids": list[list[int]]}``."""
+    return {"prompt": [it["prompt"] for it in items], "prompt_ids": [list(it["prompt_ids"]) for it in items]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for :class:`~lightning_llm.modules.PPO`.
+
+    Args:
+        prompts: an explicit list of prompts (strings or message lists); overrides ``dataset``. Validation then uses
+            ``val_fraction`` of them.
+        dataset: ``"synthetic"``, a local ``.jsonl`` / ``.json`` path, or a Hugging Face dataset name.
+        dataset_config, train_split, val_split: Hugging Face dataset settings (``val_split=None`` splits off
+            ``val_fraction``).
+        prompt_field: the column holding prompts.
+        tokenizer: ``None`` (character tokenizer for ``"synthetic"``, else a BPE trained on the prompts), ``"char"``,
+            a saved tokenizer directory or a Hugging Face tokenizer path / name. It must be the tokenizer of the policy
+            (and of the reward model, when one is used).
+        tokenizer_vocab_size: BPE vocabulary size when a BPE is trained.
+        chat_template: Jinja template for conversational prompts (default :class:`ChatTemplate`).
+        num_train, num_val: synthetic task sizes.
+        batch_size: prompts per rollout (per process).
+    """
+
+    def __init__(
+        self,
+        prompts: list[Any] | None = None,
+        dataset: str = "synthetic",
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        val_fraction: float = 0.1,
+        prompt_field: str = "prompt",
+        tokenizer: str | None = None,
+        tokenizer_vocab_size: int = 4096,
+        chat_template: str | None = None,
+        num_train: int = 1024,
+        num_val: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prompts is not None and (isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts):
+            raise TypeError(f"PromptDataModule: `prompts` must be a non-empty list of prompts, got {prompts!r}.")
+        for name, value in (("batch_size", batch_size), ("num_train", num_train), ("num_val", num_val)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PromptDataModule: `{name}` must be a positive integer, got {value!r}.")
+        self.save_hyperparameters()
+        self.template = ChatTemplate(chat_template)
+        self._texts: dict[str, list[str]] | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._datasets: dict[str, PromptDataset] = {}
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.hparams.prompts is None and self.hparams.dataset == "synthetic"
+
+    def texts(self) -> dict[str, list[str]]:
+        """Train / val prompt texts (chat templates applied), loaded once."""
+        if self._texts is None:
+            hp = self.hparams
+            field = hp.prompt_field
+            if hp.prompts is not None:
+                rows = [_prompt_text(p, field, self.template) for p in hp.prompts]
+                if len(rows) == 1 or hp.val_fraction == 0:
+                    train, val = rows, rows
+                else:
+                    train, val = _split(rows, hp.val_fraction, hp.seed)
+            elif self.is_synthetic:
+                train, val = synthetic_prompts(hp.num_train, hp.seed), synthetic_prompts(hp.num_val, hp.seed + 1)
+            else:
+                records = load_records(hp.dataset, hp.train_split, hp.dataset_config)
+                if hp.val_split is not None and not _looks_like_file(hp.dataset):
+                    val_records = load_records(hp.dataset, hp.val_split, hp.dataset_config)
+                else:
+                    records, val_records = _split(records, hp.val_fraction, hp.seed)
+                train = [_prompt_text(r, field, self.template) for r in records]
+                val = [_prompt_text(r, field, self.template) for r in val_records]
+            self._texts = {"train": train, "val": val}
+        return self._texts
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = resolve_tokenizer(
+                self.hparams.tokenizer, self.texts()["train"], self.is_synthetic, self.hparams.tokenizer_vocab_size
+            )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def dataset(self, split: str) -> PromptDataset:
+        if split not in ("train", "val"):
+            raise ValueError(f"PromptDataModule: `split` must be 'train' or 'val', got {split!r}.")
+        if split not in self._datasets:
+            texts = self.texts()[split]
+            tok = self.tokenizer
+            ids = [tok.encode(t, add_bos=tok.bos_id is not None) for t in texts]
+            empty = [i for i, x in enumerate(ids) if not x]
+            if empty:
+                raise ValueError(
+                    f"PromptDataModule: {len(empty)} {split} prompts encode to no tokens (first: {empty[0]})."
+                )
+            self._datasets[split] = PromptDataset(texts, ids)
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.dataset("train")
+        self.dataset("val")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_prompts,
+            drop_last=shuffle and len(self.dataset(split)) >= self.hparams.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
