@@ -38,7 +38,7 @@ class AttentionInputs:
         cos, sin: RoPE tables for the new tokens, ``(B or 1, T, R)``, or ``None``.
         mask: boolean ``(B or 1, 1, T, S)`` (True = may attend) or ``None`` when plain causal attention applies.
         q_pos, k_pos: positions ``(B or 1, T)`` and ``(B or 1, S)``, used for ALiBi.
-        is_causal: True when ``mask`` is None and the causal structure is the plain lower triangle.
+        is_causal: with ``mask`` None, True for the plain lower triangle, False for one new query that sees every slot.
         cache: per-forward memo shared by all blocks (the ALiBi bias is built once, not once per layer).
     """
 

@@ -204,10 +204,12 @@ class Transformer(nn.Module):
                 f"shorten the input to at most {cfg.block_size} tokens or build the model with a larger block_size."
             )
         # mask: None means "plain lower triangle", which SDPA handles with is_causal=True (flash path on CUDA)
-        mask = None
-        if attention_mask is not None and past == 0 and bool(attention_mask.all()):
+        # mask None means no masking is needed beyond the plain lower triangle, which SDPA handles with is_causal=True
+        # (the flash path on CUDA); a single new query after a cache sees every slot, so it needs no mask at all
+        if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        if attention_mask is not None or past > 0:
+        mask, is_causal = None, past == 0
+        if attention_mask is not None or (past > 0 and t > 1):
             slots = torch.arange(s, device=device)
             q_slots = slots[past:]
             allowed = slots[None, :] <= q_slots[:, None]  # (T, S) causal
@@ -216,13 +218,13 @@ class Transformer(nn.Module):
                 allowed = allowed | (slots[None, :] == q_slots[:, None])[None]  # a pad query may see itself
             else:
                 allowed = allowed[None]  # (1, T, S)
-            mask = allowed[:, None]  # (B or 1, 1, T, S)
+            mask, is_causal = allowed[:, None], False  # (B or 1, 1, T, S)
         cos = sin = None
         if cfg.pos_encoding == "rope":
             cos, sin = rope_cos_sin(
                 q_pos, cfg.rope_dim, cfg.rope_base, cfg.rope_scaling, cfg.block_size, cfg.rope_layout
             )  # (B or 1, T, R)
-        return AttentionInputs(cos=cos, sin=sin, mask=mask, q_pos=q_pos, k_pos=k_pos, is_causal=mask is None)
+        return AttentionInputs(cos=cos, sin=sin, mask=mask, q_pos=q_pos, k_pos=k_pos, is_causal=is_causal)
 
     # ------------------------------------------------------------------------------------------------ forward
     def _check_ids(self, input_ids: torch.Tensor) -> None:
