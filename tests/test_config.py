@@ -11,14 +11,6 @@ from lightning_llm.config import TransformerConfig
 from lightning_llm.nn import Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny(**kw) -> TransformerConfig:
     return TransformerConfig(**{**dict(vocab_size=32, block_size=16, n_layer=1, n_head=4, n_embd=32), **kw})
 
