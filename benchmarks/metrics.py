@@ -17,13 +17,19 @@ Peak memory: the extra memory one update needs on top of its inputs.
   Resolution: pages; first-call one-off costs (e.g. lazy library init) are included for both implementations.
 * CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the memory held before.
 
-The LAMBADA-vs-lm-evaluation-harness part of the issue's benchmark lives elsewhere.
+LAMBADA: the evaluation's wall time against lm-evaluation-harness (``HFLM.loglikelihood``) on the same Hugging Face
+model (built and saved offline) and the first 500 passages of ``../shared/data/lambada_test.jsonl``, with both sides'
+acc / ppl; see ``benchmarks/lambada_harness.py`` (also runnable alone). Skipped when ``lm_eval`` is not installed or
+the file is absent; ``--skip-lambada`` / ``--only-lambada`` select the parts.
+
+    python benchmarks/metrics.py --only-lambada --threads 1 --lambada-n 500
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -139,6 +145,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-lambada", action="store_true", help="skip the LAMBADA vs harness part")
+    parser.add_argument("--only-lambada", action="store_true", help="only the LAMBADA vs harness part")
+    parser.add_argument("--lambada-n", type=int, default=500, help="LAMBADA: first N passages")
+    parser.add_argument("--lambada-batch-size", type=int, default=16)
+    parser.add_argument("--lambada-repeats", type=int, default=2, help="LAMBADA: timed runs per side (min reported)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.threads:
@@ -148,6 +159,24 @@ def main() -> None:
         print(json.dumps({"peak_bytes": peak_memory_child(args.child, shapes[0], args.device, dtype)}))
         return
 
+    if not args.only_lambada:
+        perplexity_table(args, dtype, shapes)
+    if not args.skip_lambada:
+        lambada_table(args)
+
+
+def lambada_table(args: argparse.Namespace) -> None:
+    """LAMBADA evaluation vs lm-evaluation-harness (``benchmarks/lambada_harness.py``), printed as a table."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from lambada_harness import lambada_benchmark
+
+    lambada_benchmark(
+        n=args.lambada_n, batch_size=args.lambada_batch_size, repeats=args.lambada_repeats, device=args.device
+    )
+
+
+def perplexity_table(args: argparse.Namespace, dtype: torch.dtype, shapes: list[tuple[int, ...]]) -> None:
+    """Perplexity.update vs torchmetrics: time, peak memory, ratios."""
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     print(f"Perplexity.update, {args.dtype} logits, device {name}, torch {torch.__version__}")
     header = (

@@ -6,11 +6,18 @@ Per passage ``text`` (harness task yaml and ``TemplateLM._encode_pair`` / ``logl
     context      = " ".join(text.split(" ")[:-1])
     target       = " " + text.split(" ")[-1]
     trailing spaces of context are moved onto the front of the continuation;
-    whole        = tok(context + continuation)           # no special tokens, as HFLM encodes causal LMs
+    whole        = tok(context + continuation)
     context_ids  = tok(context)
     target_ids   = whole[len(context_ids):]
-    empty context: context_ids = [prefix id] (bos if the tokenizer has one, else eos), target_ids = tok(target)
+    empty context: context_ids = [prefix id] (bos if the tokenizer has one, else eos),
+                   target_ids = tok(target) without special tokens; if its first id is the prefix id itself,
+                   that id is the context instead (harness ``TemplateLM.loglikelihood``)
     input_ids    = (context_ids + target_ids)[-(max_length + 1):][:-1]
+
+``tok`` is HFLM's ``tok_encode`` with its default ``add_bos_token=None``: the tokenizer's own special tokens
+(its post-processor template: nothing for GPT-2 / Pythia, a leading bos for Llama-style tokenizers), except for a
+string that already starts with the prefix token's text; ``add_special_tokens=False`` gives HFLM's
+``add_bos_token=False`` (older lm-evaluation-harness releases encoded causal LMs that way).
 
 The last ``len(target_ids)`` positions of ``input_ids`` predict the target tokens (harness
 ``_select_cont_toks``). Examples are sorted like the harness's ``Collator`` (longest first, ties by the
@@ -92,16 +99,42 @@ def read_lambada_jsonl(path: str | os.PathLike) -> list[str]:
     return texts
 
 
+def _harness_encode(
+    tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool, prefix_token_id: int
+) -> list[list[int]]:
+    """HFLM ``tok_encode`` of many strings: with the tokenizer's own special tokens (its post-processor template)
+    when ``add_special_tokens``, except for strings that start with the prefix token's text; else without."""
+    backend = getattr(tokenizer, "backend", None)
+    if not add_special_tokens or backend is None or not texts:
+        return tokenizer.encode_batch(texts)
+    prefix_text = tokenizer.decode([prefix_token_id], skip_special_tokens=False)  # harness has_bos_prefix
+    plain = [i for i, text in enumerate(texts) if text.startswith(prefix_text)]
+    special = [i for i, text in enumerate(texts) if not text.startswith(prefix_text)]
+    out: list[list[int]] = [[] for _ in texts]
+    for i, ids in zip(plain, tokenizer.encode_batch([texts[i] for i in plain])):
+        out[i] = ids
+    for i, enc in zip(special, backend.encode_batch([texts[i] for i in special], add_special_tokens=True)):
+        out[i] = list(enc.ids)
+    return out
+
+
 def encode_lambada(
-    texts: list[str], tokenizer: Tokenizer, max_length: int = 2048, prefix_token_id: int | None = None
+    texts: list[str],
+    tokenizer: Tokenizer,
+    max_length: int = 2048,
+    prefix_token_id: int | None = None,
+    add_special_tokens: bool = True,
 ) -> list[dict[str, Any]]:
     """Splits and encodes passages the harness way (see the module docstring).
 
     Args:
         texts: Passages.
-        tokenizer: The model's tokenizer (encodes with no special tokens).
+        tokenizer: The model's tokenizer.
         max_length: The model's context length; longer inputs keep their last ``max_length`` tokens.
         prefix_token_id: Context for an empty context; default bos if the tokenizer has one, else eos.
+        add_special_tokens: Encode with the tokenizer's own special tokens, as HFLM does by default
+            (``add_bos_token=None``); ``False`` as HFLM with ``add_bos_token=False``. Tokenizers whose template adds
+            nothing (GPT-2, Pythia, :meth:`Tokenizer.train_bpe`) give the same ids either way.
 
     Returns:
         One dict per passage: ``index``, ``text``, ``context``, ``target`` (``" " + last word``), ``continuation``
@@ -123,15 +156,21 @@ def encode_lambada(
     # Harness loglikelihood(): an empty context (before the space move) uses [prefix_token_id] as context;
     # any other context goes through _encode_pair: whole = tok(context + continuation), ctx = tok(context).
     regular = [i for i, text in enumerate(texts) if lambada_split(text)[0] != ""]
-    whole = tokenizer.encode_batch([pairs[i][0] + pairs[i][1] for i in regular])
-    ctx = tokenizer.encode_batch([pairs[i][0] for i in regular])
+    whole = _harness_encode(
+        tokenizer, [pairs[i][0] + pairs[i][1] for i in regular], add_special_tokens, prefix_token_id
+    )
+    ctx = _harness_encode(tokenizer, [pairs[i][0] for i in regular], add_special_tokens, prefix_token_id)
     encoded: dict[int, tuple[list[int], list[int]]] = {i: (c, w[len(c) :]) for i, c, w in zip(regular, ctx, whole)}
     examples = []
     for index, (text, (context, continuation, target)) in enumerate(zip(texts, pairs)):
         if index in encoded:
             context_ids, target_ids = encoded[index]
         else:
-            context_ids, target_ids = [prefix_token_id], tokenizer.encode(continuation)
+            target_ids = tokenizer.encode(continuation)  # harness: add_special_tokens=False here
+            if target_ids and target_ids[0] == prefix_token_id:
+                context_ids, target_ids = target_ids[:1], target_ids[1:]
+            else:
+                context_ids = [prefix_token_id]
         if not target_ids:
             raise ValueError(f"LAMBADA passage {index} has an empty target after tokenization: {text[-80:]!r}")
         if len(target_ids) > max_length:
@@ -225,6 +264,8 @@ class LambadaDataModule(L.LightningDataModule):
         dataset_config: Dataset configuration for hub datasets (the harness uses ``"default"``).
         split: Dataset split for hub datasets (the harness uses ``"test"``).
         num_workers: DataLoader workers.
+        add_special_tokens: Encode with the tokenizer's own special tokens (e.g. Llama's bos), as the harness's
+            HFLM does by default; ``False`` matches HFLM ``add_bos_token=False`` (see :func:`encode_lambada`).
 
     Attributes:
         examples: The encoded passages in file order (see :func:`encode_lambada`), after ``setup``.
@@ -240,6 +281,7 @@ class LambadaDataModule(L.LightningDataModule):
         dataset_config: str | None = "default",
         split: str = "test",
         num_workers: int = 0,
+        add_special_tokens: bool = True,
     ) -> None:
         super().__init__()
         for name, value, minimum in (("batch_size", batch_size, 1), ("max_length", max_length, 1)):
@@ -249,6 +291,8 @@ class LambadaDataModule(L.LightningDataModule):
             raise ValueError(f"`max_examples` must be None or an int >= 1, got {max_examples!r}.")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}.")
+        if not isinstance(add_special_tokens, bool):
+            raise TypeError(f"`add_special_tokens` must be a bool, got {add_special_tokens!r}.")
         if not isinstance(path, str) or not path:
             raise TypeError(f"`path` must be a non-empty string, got {path!r}.")
         self.save_hyperparameters(ignore=["tokenizer"] if isinstance(tokenizer, Tokenizer) else None)
@@ -259,6 +303,7 @@ class LambadaDataModule(L.LightningDataModule):
         self.dataset_config = dataset_config
         self.split = split
         self.num_workers = num_workers
+        self.add_special_tokens = add_special_tokens
         self._tokenizer_spec = tokenizer
         self._tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
         self._examples: list[dict[str, Any]] | None = None
@@ -325,7 +370,9 @@ class LambadaDataModule(L.LightningDataModule):
         """Encoded passages in file order (``index``, ``context``, ``target``, ``context_ids``, ``target_ids``,
         ``input_ids``, ``target_start``); built on first access."""
         if self._examples is None:
-            self._examples = encode_lambada(self.load_texts(), self.tokenizer, self.max_length)
+            self._examples = encode_lambada(
+                self.load_texts(), self.tokenizer, self.max_length, add_special_tokens=self.add_special_tokens
+            )
             self._order = harness_order(self._examples)
         return self._examples
 

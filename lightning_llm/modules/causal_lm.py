@@ -6,6 +6,7 @@ position, ``-100`` where not scored) and optionally ``attention_mask``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Any, Literal
@@ -184,13 +185,34 @@ class CausalLM(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
 
+    def target_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at only the positions where some row of ``batch["targets"]`` holds a target, and those targets.
+
+        Returns ``(logits (B, P, V), targets (B, P))``, P = positions with a target in any row. The output head runs
+        on P positions instead of T (LAMBADA: a few instead of ~100, and the head dominates a small model's cost);
+        every target's logits are those of the full forward. Falls back to the full logits for a sharded or compiled
+        model, or a Hugging Face model without ``logits_to_keep``.
+        """
+        input_ids, mask, targets = batch["input_ids"], batch.get("attention_mask"), batch["targets"]
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (P,)
+        model = self._ensure_model()
+        if self.is_hf:
+            if "logits_to_keep" in inspect.signature(model.forward).parameters:
+                return model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits, targets[:, keep]
+        elif isinstance(model, Transformer) and not hasattr(model.output_weight, "device_mesh"):
+            hidden = model(input_ids, attention_mask=mask, return_hidden=True)[:, keep]  # (B, P, C)
+            bias = model.lm_head.bias if model.lm_head is not None else None
+            logits = F.linear(hidden, model.output_weight, bias)[..., : model.config.vocab_size]  # (B, P, V)
+            return logits, targets[:, keep]
+        return self(input_ids, mask)[:, keep], targets[:, keep]
+
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        if stage == "test" and self.test_lambada is not None:
+            self.test_lambada.update(*self.target_logits(batch))
+            return
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         targets = batch["targets"]
         bs = targets.shape[0]
-        if stage == "test" and self.test_lambada is not None:
-            self.test_lambada.update(logits, targets)
-            return
         metric = self.val_ppl if stage == "val" else self.test_ppl
         metric.update(logits, targets)
         self.log(f"{stage}/ppl", metric, prog_bar=stage == "val", batch_size=bs)
