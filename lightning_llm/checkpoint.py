@@ -12,9 +12,6 @@ resumed mid-epoch sees exactly the batches the uninterrupted run would have seen
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,22 +19,9 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from lightning_llm._io import atomic_torch_save, atomic_write_text
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["AtomicCheckpointIO", "ResumableDataLoader", "atomic_torch_save", "atomic_write_text"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -53,16 +37,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if getattr(fs, "protocol", "file") not in ("file", ("file", "local")):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class ResumableDataLoader(DataLoader):

@@ -1,6 +1,7 @@
 """On-disk cache helpers shared by the data modules: where the cache lives, content hashes, atomic writes.
 
-Every cached artefact is written to a temporary file in the destination directory and moved into place
+Every cached artefact is written with :func:`atomic_torch_save` / :func:`atomic_write_text` (from
+:mod:`lightning_llm._io`, re-exported here): a temporary file in the destination directory moved into place
 with ``os.replace``, so a crash or a concurrent writer (two DDP ranks) never leaves a truncated file
 under the final name.
 """
@@ -10,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
+from lightning_llm._io import atomic_torch_save, atomic_write_text
 
 __all__ = [
     "atomic_torch_save",
@@ -55,32 +55,3 @@ def hash_texts(texts: Iterable[str], *extra: Any) -> str:
 def hash_json(obj: Any) -> str:
     """sha256 hex digest of the canonical JSON of ``obj``."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-def _temp_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -246,7 +246,85 @@ class _Collate:
         return collate_preference(items, self.pad_id)
 
 
-class PreferenceDataModule(L.LightningDataModule):
+def _check_positive_ints(owner: str, values: dict[str, Any]) -> None:
+    """Raise a ValueError naming ``owner`` and the argument for each value that is not a positive ``int``."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: `{name}` must be a positive integer, got {value!r}.")
+
+
+class _TokenizedSplits(L.LightningDataModule):
+    """The glue :class:`PreferenceDataModule` and :class:`~lightning_llm.data.prompts.PromptDataModule` share: a
+    tokenizer resolved on first use (:func:`resolve_tokenizer`), train / val datasets built once, and their loaders.
+
+    Subclasses save hyperparameters including ``tokenizer``, ``tokenizer_vocab_size``, ``batch_size`` and
+    ``num_workers``, and define ``is_synthetic``, :meth:`_tokenizer_texts`, :meth:`_build_dataset` and
+    :meth:`_collate`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tokenizer: Tokenizer | None = None
+        self._datasets: dict[str, Dataset] = {}
+
+    @property
+    def is_synthetic(self) -> bool:
+        raise NotImplementedError
+
+    def _tokenizer_texts(self) -> list[str]:
+        """The texts a tokenizer is built from (when one is trained)."""
+        raise NotImplementedError
+
+    def _build_dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def _collate(self) -> Callable[[list[dict[str, Any]]], Any]:
+        raise NotImplementedError
+
+    def _drop_last(self, split: str, shuffle: bool) -> bool:
+        return False
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = resolve_tokenizer(
+                self.hparams.tokenizer, self._tokenizer_texts(), self.is_synthetic, self.hparams.tokenizer_vocab_size
+            )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in ("train", "val"):
+            raise ValueError(f"{type(self).__name__}: `split` must be 'train' or 'val', got {split!r}.")
+        if split not in self._datasets:
+            self._datasets[split] = self._build_dataset(split)
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.dataset("train")
+        self.dataset("val")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self._collate(),
+            drop_last=self._drop_last(split, shuffle),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+
+class PreferenceDataModule(_TokenizedSplits):
     """Preference pairs for :class:`~lightning_llm.modules.RewardModel` and :class:`~lightning_llm.modules.DPO`.
 
     Args:
@@ -289,15 +367,16 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("max_length", max_length),
-            ("max_prompt_length", max_prompt_length),
-            ("batch_size", batch_size),
-            ("num_train", num_train),
-            ("num_val", num_val),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PreferenceDataModule: `{name}` must be a positive integer, got {value!r}.")
+        _check_positive_ints(
+            "PreferenceDataModule",
+            {
+                "max_length": max_length,
+                "max_prompt_length": max_prompt_length,
+                "batch_size": batch_size,
+                "num_train": num_train,
+                "num_val": num_val,
+            },
+        )
         if max_prompt_length >= max_length:
             raise ValueError(
                 f"PreferenceDataModule: `max_prompt_length` ({max_prompt_length}) must be < `max_length` "
@@ -308,8 +387,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.template = ChatTemplate(chat_template)
         self._texts: dict[str, list[dict[str, Any]]] | None = None
-        self._tokenizer: Tokenizer | None = None
-        self._datasets: dict[str, PreferenceDataset] = {}
 
     # -------------------------------------------------------------------------------------------- text
     @property
@@ -344,59 +421,27 @@ class PreferenceDataModule(L.LightningDataModule):
         return self._texts
 
     # -------------------------------------------------------------------------------------------- tokenizer
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            texts = [t for ex in self.text_examples()["train"] for t in (ex["prompt"], ex["chosen"], ex["rejected"])]
-            self._tokenizer = resolve_tokenizer(
-                self.hparams.tokenizer, texts, self.is_synthetic, self.hparams.tokenizer_vocab_size
-            )
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+    def _tokenizer_texts(self) -> list[str]:
+        return [t for ex in self.text_examples()["train"] for t in (ex["prompt"], ex["chosen"], ex["rejected"])]
 
     # -------------------------------------------------------------------------------------------- datasets
-    def dataset(self, split: str) -> PreferenceDataset:
-        if split not in ("train", "val"):
-            raise ValueError(f"PreferenceDataModule: `split` must be 'train' or 'val', got {split!r}.")
-        if split not in self._datasets:
-            hp = self.hparams
-            items = [
-                encode_pair(ex, self.tokenizer, hp.max_length, hp.max_prompt_length)
-                for ex in self.text_examples()[split]
-            ]
-            kept = [it for it in items if it is not None]
-            if len(kept) < len(items):
-                log.warning(
-                    "PreferenceDataModule: dropped %d %s pairs with no room for a completion.",
-                    len(items) - len(kept),
-                    split,
-                )
-            self._datasets[split] = PreferenceDataset(kept)
-        return self._datasets[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        self.dataset("train")
-        self.dataset("val")
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=self.collate_fn,
-            drop_last=False,
-        )
+    def _build_dataset(self, split: str) -> PreferenceDataset:
+        hp = self.hparams
+        items = [
+            encode_pair(ex, self.tokenizer, hp.max_length, hp.max_prompt_length) for ex in self.text_examples()[split]
+        ]
+        kept = [it for it in items if it is not None]
+        if len(kept) < len(items):
+            log.warning(
+                "PreferenceDataModule: dropped %d %s pairs with no room for a completion.",
+                len(items) - len(kept),
+                split,
+            )
+        return PreferenceDataset(kept)
 
     @property
     def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         return _Collate(self.tokenizer.pad_id)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        return self.collate_fn

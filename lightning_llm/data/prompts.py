@@ -14,14 +14,20 @@ Notation: B batch of prompts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_llm.data.preference import ChatTemplate, _looks_like_file, _split, load_records, resolve_tokenizer
+from lightning_llm.data.preference import (
+    ChatTemplate,
+    _check_positive_ints,
+    _looks_like_file,
+    _split,
+    _TokenizedSplits,
+    load_records,
+)
 from lightning_llm.data.synthetic import synthetic_prompts
-from lightning_llm.data.tokenizer import Tokenizer
 
 __all__ = ["PromptDataModule", "PromptDataset", "collate_prompts"]
 
@@ -58,7 +64,7 @@ def collate_prompts(items: list[dict[str, Any]]) -> dict[str, list]:
     return {"prompt": [it["prompt"] for it in items], "prompt_ids": [list(it["prompt_ids"]) for it in items]}
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(_TokenizedSplits):
     """Prompts for :class:`~lightning_llm.modules.PPO`.
 
     Args:
@@ -98,14 +104,10 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         if prompts is not None and (isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts):
             raise TypeError(f"PromptDataModule: `prompts` must be a non-empty list of prompts, got {prompts!r}.")
-        for name, value in (("batch_size", batch_size), ("num_train", num_train), ("num_val", num_val)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PromptDataModule: `{name}` must be a positive integer, got {value!r}.")
+        _check_positive_ints("PromptDataModule", {"batch_size": batch_size, "num_train": num_train, "num_val": num_val})
         self.save_hyperparameters()
         self.template = ChatTemplate(chat_template)
         self._texts: dict[str, list[str]] | None = None
-        self._tokenizer: Tokenizer | None = None
-        self._datasets: dict[str, PromptDataset] = {}
 
     @property
     def is_synthetic(self) -> bool:
@@ -135,49 +137,20 @@ class PromptDataModule(L.LightningDataModule):
             self._texts = {"train": train, "val": val}
         return self._texts
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = resolve_tokenizer(
-                self.hparams.tokenizer, self.texts()["train"], self.is_synthetic, self.hparams.tokenizer_vocab_size
-            )
-        return self._tokenizer
+    def _tokenizer_texts(self) -> list[str]:
+        return self.texts()["train"]
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+    def _build_dataset(self, split: str) -> PromptDataset:
+        texts = self.texts()[split]
+        tok = self.tokenizer
+        ids = [tok.encode(t, add_bos=tok.bos_id is not None) for t in texts]
+        empty = [i for i, x in enumerate(ids) if not x]
+        if empty:
+            raise ValueError(f"PromptDataModule: {len(empty)} {split} prompts encode to no tokens (first: {empty[0]}).")
+        return PromptDataset(texts, ids)
 
-    def dataset(self, split: str) -> PromptDataset:
-        if split not in ("train", "val"):
-            raise ValueError(f"PromptDataModule: `split` must be 'train' or 'val', got {split!r}.")
-        if split not in self._datasets:
-            texts = self.texts()[split]
-            tok = self.tokenizer
-            ids = [tok.encode(t, add_bos=tok.bos_id is not None) for t in texts]
-            empty = [i for i, x in enumerate(ids) if not x]
-            if empty:
-                raise ValueError(
-                    f"PromptDataModule: {len(empty)} {split} prompts encode to no tokens (first: {empty[0]})."
-                )
-            self._datasets[split] = PromptDataset(texts, ids)
-        return self._datasets[split]
+    def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, list]]:
+        return collate_prompts
 
-    def setup(self, stage: str | None = None) -> None:
-        self.dataset("train")
-        self.dataset("val")
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=collate_prompts,
-            drop_last=shuffle and len(self.dataset(split)) >= self.hparams.batch_size,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def _drop_last(self, split: str, shuffle: bool) -> bool:
+        return shuffle and len(self.dataset(split)) >= self.hparams.batch_size

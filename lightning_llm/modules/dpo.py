@@ -23,15 +23,13 @@ from torchmetrics import MeanMetric
 
 from lightning_llm.config import TransformerConfig
 from lightning_llm.data.tokenizer import Tokenizer
-from lightning_llm.modules.reward_model import (
+from lightning_llm.modules._common import (
     build_transformer,
-    check_vocab,
     configure_adamw,
-    datamodule_tokenizer,
     frozen_copy,
-    load_transformer_weights,
-    tokenizer_from_state,
-    tokenizer_state,
+    restore_tokenizer,
+    save_model_state,
+    take_datamodule_tokenizer,
 )
 from lightning_llm.nn.transformer import Transformer
 from lightning_llm.rlhf import dpo_loss, sequence_logprob_sum
@@ -88,9 +86,7 @@ class DPO(L.LightningModule):
         if not beta > 0:
             raise ValueError(f"DPO: `beta` must be > 0, got {beta}.")
         self.save_hyperparameters()
-        self.policy = build_transformer(config, pretrained, vocab_size)
-        if init_from is not None:
-            load_transformer_weights(self.policy, init_from)
+        self.policy = build_transformer(config, pretrained, vocab_size, init_from)
         self.config = self.policy.config
         self.ref = frozen_copy(self.policy)
         self.tokenizer: Tokenizer | None = None
@@ -191,18 +187,13 @@ class DPO(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- setup / optim
     def setup(self, stage: str) -> None:
-        tokenizer = datamodule_tokenizer(self)
-        if tokenizer is not None:
-            check_vocab(tokenizer, self.policy, "policy")
-            self.tokenizer = tokenizer
+        take_datamodule_tokenizer(self, self.policy, "policy")
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_adamw(self, list(self.policy.parameters()))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["transformer_config"] = self.config.to_dict()
-        checkpoint["tokenizer"] = tokenizer_state(self.tokenizer)
+        save_model_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = tokenizer_from_state(checkpoint.get("tokenizer"))
+        restore_tokenizer(self, checkpoint)

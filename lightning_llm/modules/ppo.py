@@ -31,7 +31,6 @@ Notation: B prompts per rollout, P padded prompt length, N new tokens, V vocabul
 
 from __future__ import annotations
 
-import copy
 import csv
 import importlib
 import os
@@ -46,16 +45,16 @@ from torchmetrics import MeanMetric
 
 from lightning_llm.config import TransformerConfig
 from lightning_llm.data.tokenizer import Tokenizer
-from lightning_llm.modules.reward_model import (
-    RewardModel,
+from lightning_llm.modules._common import (
+    adamw,
     build_transformer,
-    check_vocab,
-    datamodule_tokenizer,
+    copy_module,
     frozen_copy,
-    load_transformer_weights,
-    tokenizer_from_state,
-    tokenizer_state,
+    restore_tokenizer,
+    save_model_state,
+    take_datamodule_tokenizer,
 )
+from lightning_llm.modules.reward_model import RewardModel
 from lightning_llm.nn.generation import generate
 from lightning_llm.nn.heads import ScalarHead
 from lightning_llm.nn.transformer import Transformer
@@ -262,9 +261,7 @@ class PPO(L.LightningModule):
         self.save_hyperparameters(ignore=["reward_functions"])
 
         # ---- models: policy, frozen reference, value (head or model), frozen reward model
-        self.policy = build_transformer(config, pretrained, vocab_size)
-        if init_from is not None:
-            load_transformer_weights(self.policy, init_from)
+        self.policy = build_transformer(config, pretrained, vocab_size, init_from)
         self.config = self.policy.config
         self.ref = frozen_copy(self.policy)
         self.reward_model: RewardModel | None = None
@@ -571,11 +568,9 @@ class PPO(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- setup / optim
     def setup(self, stage: str) -> None:
-        tokenizer = datamodule_tokenizer(self)
+        tokenizer = take_datamodule_tokenizer(self, self.policy, "policy")
         if tokenizer is None:
             return
-        check_vocab(tokenizer, self.policy, "policy")
-        self.tokenizer = tokenizer
         rm_tok = self.reward_model.tokenizer if self.reward_model is not None else None
         if rm_tok is not None and rm_tok.fingerprint != tokenizer.fingerprint:
             raise ValueError(
@@ -586,12 +581,7 @@ class PPO(L.LightningModule):
             )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
+        return adamw(self.hparams, self.parameters())  # constant learning rate: no scheduler
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -599,8 +589,7 @@ class PPO(L.LightningModule):
         controller, the sampler's RNG state, the rollout counter, the config and the tokenizer."""
         checkpoint["kl_controller"] = {"type": type(self.kl_ctl).__name__, **self.kl_ctl.state_dict()}
         checkpoint["rollouts_done"] = self.rollouts_done
-        checkpoint["transformer_config"] = self.config.to_dict()
-        checkpoint["tokenizer"] = tokenizer_state(self.tokenizer)
+        save_model_state(self, checkpoint)
         if self._generator is not None:
             checkpoint["generator_state"] = self._generator.get_state()
 
@@ -615,16 +604,7 @@ class PPO(L.LightningModule):
         if state:
             self.kl_ctl.load_state_dict(state)
         self.rollouts_done = int(checkpoint.get("rollouts_done", 0))
-        if self.tokenizer is None:
-            self.tokenizer = tokenizer_from_state(checkpoint.get("tokenizer"))
+        restore_tokenizer(self, checkpoint)
         if "generator_state" in checkpoint:
             self._generator_state = checkpoint["generator_state"]
             self._generator = None
-
-
-def copy_module(module: torch.nn.Module) -> torch.nn.Module:
-    """A trainable deep copy (the reward model is loaded frozen)."""
-    out = copy.deepcopy(module)
-    out.train()
-    out.requires_grad_(True)
-    return out

@@ -24,7 +24,9 @@ def text_file(tmp_path_factory):
 
 
 def _datamodule(text_file, **kw) -> TextDataModule:
-    args = dict(dataset=str(text_file), vocab_size=300, block_size=32, batch_size=4, max_train_blocks=16, max_eval_blocks=4)
+    args = dict(
+        dataset=str(text_file), vocab_size=300, block_size=32, batch_size=4, max_train_blocks=16, max_eval_blocks=4
+    )
     args.update(kw)
     return TextDataModule(**args)
 

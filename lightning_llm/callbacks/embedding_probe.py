@@ -1,0 +1,169 @@
+"""``EmbeddingProbe``: the health of the input embedding space, logged while training.
+
+For the embedding matrix ``E`` (V x C; found as ``get_input_embeddings()``, ``wte``, or the largest ``nn.Embedding``):
+
+* norm statistics of the rows: ``norm_mean``, ``norm_std``, ``norm_min``, ``norm_max``;
+* ``anisotropy`` = mean cosine similarity of ``n_pairs`` random pairs of distinct rows (Ethayarajh 2019): near 0 for
+  an isotropic space, near 1 when all vectors share one direction (a common degeneration);
+* ``isotropy`` = ``min_u Z(u) / max_u Z(u)`` with ``Z(u) = sum_v exp(u . e_v)`` over the eigenvectors ``u`` of
+  ``E^T E`` taken with both signs (Mu & Viswanath 2018, "All-but-the-top"): 1 for a perfectly isotropic space, near 0 for a degenerate one;
+* nearest neighbours (cosine) of chosen tokens, logged as text (W&B / TensorBoard / MLflow, and
+  ``<log_dir>/embedding_probe.txt``).
+
+Notation: V vocabulary rows, C width, P pairs, k neighbours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_llm.callbacks._utils import check_every, log_text
+
+
+def find_embedding(module: nn.Module) -> torch.Tensor:
+    """The input embedding matrix ``(V, C)`` of ``module``."""
+    getter = getattr(module, "get_input_embeddings", None)
+    if callable(getter):
+        emb = getter()
+        if isinstance(emb, nn.Embedding):
+            return emb.weight
+    for path in ("wte", "model.wte", "embedding", "model.embedding", "tok_embeddings", "model.tok_embeddings"):
+        obj: Any = module
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.Embedding):
+            return obj.weight
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        raise ValueError(
+            f"{type(module).__name__} has no nn.Embedding; pass `embedding_fn=lambda module: weight (V, C)` to "
+            "EmbeddingProbe."
+        )
+    return max(embeddings, key=lambda m: m.num_embeddings).weight
+
+
+@torch.no_grad()
+def embedding_stats(weight: torch.Tensor, n_pairs: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Norm statistics, anisotropy (mean random-pair cosine) and isotropy (partition-function ratio) of ``(V, C)``."""
+    w = weight.detach().float().cpu()
+    if w.dim() != 2 or w.shape[0] < 2:
+        raise ValueError(f"`weight` must be a (V, C) matrix with V >= 2, got shape {tuple(weight.shape)}.")
+    norms = w.norm(dim=1)  # (V,)
+    gen = torch.Generator().manual_seed(seed)
+    v = w.shape[0]
+    i = torch.randint(0, v, (n_pairs,), generator=gen)  # (P,)
+    j = (i + torch.randint(1, v, (n_pairs,), generator=gen)) % v  # (P,) never equal to i
+    cos = F.cosine_similarity(w[i], w[j], dim=1)  # (P,)
+    w64 = w.double()
+    _, eigvecs = torch.linalg.eigh(w64.T @ w64)  # (C, C) columns are eigenvectors
+    directions = torch.cat([eigvecs, -eigvecs], dim=1)  # (C, 2C): both signs, so the result is sign-invariant
+    log_z = torch.logsumexp(w64 @ directions, dim=0)  # (2C,) log Z(u) per direction
+    return {
+        "norm_mean": float(norms.mean()),
+        "norm_std": float(norms.std()),
+        "norm_min": float(norms.min()),
+        "norm_max": float(norms.max()),
+        "anisotropy": float(cos.mean()),
+        "isotropy": float(torch.exp(log_z.min() - log_z.max())),
+    }
+
+
+@torch.no_grad()
+def nearest_neighbours(weight: torch.Tensor, ids: Sequence[int], k: int = 5) -> list[list[tuple[int, float]]]:
+    """For each id, the ``k`` other rows of highest cosine similarity, as ``(id, cosine)``."""
+    w = F.normalize(weight.detach().float().cpu(), dim=1)  # (V, C)
+    query = w[torch.as_tensor(list(ids), dtype=torch.long)]  # (n, C)
+    sims = query @ w.T  # (n, V)
+    sims[torch.arange(len(ids)), torch.as_tensor(list(ids))] = float("-inf")  # exclude the token itself
+    top = sims.topk(min(k, w.shape[0] - 1), dim=1)
+    return [[(int(i), float(s)) for i, s in zip(idx, val)] for idx, val in zip(top.indices, top.values)]
+
+
+class EmbeddingProbe(L.Callback):
+    """Log embedding-space health every ``every_n_steps`` steps.
+
+    Args:
+        every_n_steps: period in training steps.
+        tokens: tokens whose nearest neighbours are logged: strings (need ``tokenizer``) or ids.
+        tokenizer: encodes string tokens (first id of ``encode(token)``) and decodes neighbours.
+        k: neighbours per token.
+        n_pairs: random pairs for the anisotropy.
+        embedding_fn: ``module -> (V, C)`` weight, for models where the embedding is not found automatically.
+        prefix: log-key prefix.
+        seed: pair-sampling seed (the same pairs at every step, so the curve is comparable).
+
+    Attributes:
+        history: ``[(step, stats)]``; ``last_neighbours``: the last neighbour table as text.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        tokens: Sequence[str | int] = (),
+        tokenizer: Any = None,
+        k: int = 5,
+        n_pairs: int = 10000,
+        embedding_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+        prefix: str = "embedding",
+        seed: int = 0,
+    ) -> None:
+        check_every("every_n_steps", every_n_steps)
+        if any(isinstance(t, str) for t in tokens) and tokenizer is None:
+            raise ValueError("String `tokens` need a `tokenizer` to find their ids; pass tokenizer= or give ids.")
+        self.every_n_steps = every_n_steps
+        self.tokens = list(tokens)
+        self.tokenizer = tokenizer
+        self.k = k
+        self.n_pairs = n_pairs
+        self.embedding_fn = embedding_fn or find_embedding
+        self.prefix = prefix
+        self.seed = seed
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.last_neighbours = ""
+
+    def _ids(self) -> list[int]:
+        ids = []
+        for t in self.tokens:
+            if isinstance(t, str):
+                enc = self.tokenizer.encode(t)
+                if not enc:
+                    raise ValueError(f"token {t!r} encodes to no id.")
+                ids.append(enc[0])
+            else:
+                ids.append(int(t))
+        return ids
+
+    def _name(self, i: int) -> str:
+        if self.tokenizer is None:
+            return str(i)
+        return repr(self.tokenizer.decode([i]))
+
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Compute, log and return the statistics now."""
+        weight = self.embedding_fn(pl_module)
+        stats = embedding_stats(weight, self.n_pairs, self.seed)
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics({f"{self.prefix}/{k}": v for k, v in stats.items()}, step=step)
+        self.history.append((step, stats))
+        if self.tokens:
+            ids = self._ids()
+            rows = nearest_neighbours(weight, ids, self.k)
+            lines = [
+                f"{self._name(i)}: " + ", ".join(f"{self._name(j)} ({s:.2f})" for j, s in row)
+                for i, row in zip(ids, rows)
+            ]
+            self.last_neighbours = "\n".join(lines)
+            log_text(trainer, f"{self.prefix}/neighbours", self.last_neighbours, step)
+        return stats
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+            if not self.history or self.history[-1][0] != trainer.global_step:
+                self.probe(trainer, pl_module)

@@ -1,0 +1,147 @@
+"""``GenerationSamples``: log sample completions of fixed prompts while training.
+
+Every ``every_n_steps`` steps each prompt is encoded, continued for ``max_new_tokens`` tokens and decoded; the
+samples are logged as text (W&B table / TensorBoard text / MLflow artifact, and ``<log_dir>/samples.txt``). Decoding
+recomputes the full sequence at each step through ``forward_fn`` (works for any model; prompts are short), greedy by
+default or sampled with ``temperature`` / ``top_k`` from a generator seeded with ``seed``, so the same weights
+always give the same samples. Generation stops at ``eos_id``.
+
+Notation: P prompt tokens, N new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_llm.callbacks._utils import ForwardFn, check_every, default_forward_fn, log_text
+
+
+@torch.no_grad()
+def sample_tokens(
+    forward_fn: Any,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    max_length: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[int]:
+    """Continue ``prompt`` (token ids) one token at a time from ``forward_fn(ids (1, P+n)) -> logits (1, P+n, V)``."""
+    ids = list(prompt)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        window = ids[-max_length:] if max_length else ids
+        logits = forward_fn(torch.tensor([window], device=device))[0, -1].float().cpu()  # (V,)
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k is not None and 0 < top_k < logits.numel():
+                kth = logits.topk(top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        ids.append(token)
+        new.append(token)
+        if eos_id is not None and token == eos_id:
+            break
+    return new
+
+
+class GenerationSamples(L.Callback):
+    """Log completions of ``prompts`` every ``every_n_steps`` training steps (and at the end of training).
+
+    Args:
+        prompts: the prompts (text).
+        tokenizer: ``encode(text) -> ids``, ``decode(ids) -> text`` and optionally ``eos_id``.
+        every_n_steps: period in training steps.
+        max_new_tokens: tokens generated per prompt.
+        temperature: 0 = greedy; otherwise sampling temperature.
+        top_k: sample among the k most likely tokens.
+        forward_fn: ``(module, input_ids) -> logits``.
+        max_length: keep at most this many tokens as the model's input (models with a position limit).
+        seed: seed of the sampling generator (reset at every logging step).
+        key: log key.
+
+    Attributes:
+        samples: ``[(step, [(prompt, completion)])]``.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        tokenizer: Any,
+        every_n_steps: int = 500,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        forward_fn: ForwardFn | None = None,
+        max_length: int | None = None,
+        seed: int = 0,
+        key: str = "samples",
+    ) -> None:
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("`prompts` must be a non-empty list of strings (wrap a single prompt in a list).")
+        check_every("every_n_steps", every_n_steps)
+        if temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {temperature}.")
+        self.prompts = list(prompts)
+        self.tokenizer = tokenizer
+        self.every_n_steps = every_n_steps
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.forward_fn = forward_fn or default_forward_fn
+        self.max_length = max_length
+        self.seed = seed
+        self.key = key
+        self.samples: list[tuple[int, list[tuple[str, str]]]] = []
+
+    def generate(self, pl_module: L.LightningModule) -> list[tuple[str, str]]:
+        """``[(prompt, completion)]`` from the module's current weights."""
+        gen = torch.Generator().manual_seed(self.seed)
+        eos = getattr(self.tokenizer, "eos_id", None)
+        was_training = pl_module.training
+        pl_module.eval()
+        out = []
+        try:
+            for prompt in self.prompts:
+                ids = self.tokenizer.encode(prompt)
+                if not ids:
+                    ids = [eos if eos is not None else 0]
+                new = sample_tokens(
+                    lambda x: self.forward_fn(pl_module, x),
+                    ids,
+                    self.max_new_tokens,
+                    self.temperature,
+                    self.top_k,
+                    eos,
+                    gen,
+                    self.max_length,
+                    pl_module.device,
+                )
+                out.append((prompt, self.tokenizer.decode(new)))
+        finally:
+            pl_module.train(was_training)
+        return out
+
+    def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        pairs = self.generate(pl_module)
+        self.samples.append((step, pairs))
+        text = "\n\n".join(f"PROMPT: {p}\nCOMPLETION: {c}" for p, c in pairs)
+        log_text(trainer, self.key, text, step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and (not self.samples or self.samples[-1][0] != step):
+            self.log_samples(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.samples or self.samples[-1][0] != trainer.global_step:
+            self.log_samples(trainer, pl_module)
