@@ -83,6 +83,17 @@ class LightningLLMCLI(LightningCLI):
     def after_test(self) -> None:
         self._finish("test")
 
+    def after_predict(self) -> None:
+        """Write the predictions (one JSON object per prompt) to ``<log_dir>/predictions.jsonl``."""
+        trainer = self.trainer
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
+        rows = [row for batch in (trainer.predict_loop.predictions or []) for row in batch]
+        path = os.path.join(log_dir, "predictions.jsonl")
+        atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+        print(f"[lightning-llm] {len(rows)} predictions written to {path}")
+
 
 def main(args: list[str] | None = None) -> LightningLLMCLI:
     return LightningLLMCLI(

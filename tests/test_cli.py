@@ -169,6 +169,32 @@ def test_quickstart_reports_validation_perplexity(tmp_path: Path):
     assert metrics["val/ppl"] > 1.0 and metrics["data/val_unigram_ppl"] > 1.0
     assert (path.parent / "tokenizer" / "tokenizer.json").exists()
 
+    # predict from the checkpoint with the saved tokenizer: greedy completions written to predictions.jsonl
+    (ckpt,) = list(tmp_path.rglob("*.ckpt"))
+    prompts = ["def main", "The module"]
+    args = [
+        "predict",
+        "--config",
+        str(QUICKSTART),
+        "--model.init_args.config.n_layer",
+        "1",
+        "--model.init_args.generation",
+        '{"max_new_tokens": 4, "temperature": 0}',
+        "--data",
+        "lightning_llm.data.PromptDataModule",
+        "--data.init_args.prompts",
+        json.dumps(prompts),
+        "--data.init_args.tokenizer",
+        str(path.parent / "tokenizer"),
+        "--ckpt_path",
+        str(ckpt),
+    ]
+    run_cli(args, cwd=tmp_path)
+    (pred_path,) = list(tmp_path.rglob("predictions.jsonl"))
+    rows = [json.loads(line) for line in pred_path.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    assert all(isinstance(r["completion"], str) for r in rows)
+
 
 def test_python_dash_m_and_console_script_share_main():
     from lightning_llm import cli

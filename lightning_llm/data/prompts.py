@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_llm.data.preference import (
     ChatTemplate,
@@ -141,13 +141,30 @@ class PromptDataModule(_TokenizedSplits):
         return self.texts()["train"]
 
     def _build_dataset(self, split: str) -> PromptDataset:
-        texts = self.texts()[split]
+        return self._encode(self.texts()[split], split)
+
+    def _encode(self, texts: list[str], split: str) -> PromptDataset:
         tok = self.tokenizer
         ids = [tok.encode(t, add_bos=tok.bos_id is not None) for t in texts]
         empty = [i for i, x in enumerate(ids) if not x]
         if empty:
             raise ValueError(f"PromptDataModule: {len(empty)} {split} prompts encode to no tokens (first: {empty[0]}).")
         return PromptDataset(texts, ids)
+
+    def predict_dataloader(self) -> DataLoader:
+        """For ``predict``: every explicit prompt in the order given (no split), else the validation prompts."""
+        hp = self.hparams
+        if hp.prompts is not None:
+            texts = [_prompt_text(p, hp.prompt_field, self.template) for p in hp.prompts]
+        else:
+            texts = self.texts()["val"]
+        return DataLoader(
+            self._encode(texts, "predict"),
+            batch_size=hp.batch_size,
+            shuffle=False,
+            num_workers=hp.num_workers,
+            collate_fn=collate_prompts,
+        )
 
     def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, list]]:
         return collate_prompts
