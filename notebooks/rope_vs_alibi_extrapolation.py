@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -42,9 +47,13 @@ VOCAB = 512 if FAST else 2048
 WIDTH, LAYERS = (32, 1) if FAST else (128, 2)
 MAX_CHARS = 6000 if FAST else 200_000
 ENCODINGS = ("rope", "alibi", "learned")
-SHAKESPEARE = "../shared/data/tinyshakespeare.txt"
+# ../shared/data beside the project: from the repository root or from notebooks/
+SHAKESPEARE = next(
+    (p for p in ("../shared/data/tinyshakespeare.txt", "../../shared/data/tinyshakespeare.txt") if os.path.exists(p)),
+    None,
+)
 DATASETS = {"embedded": "embedded"}
-if os.path.exists(SHAKESPEARE) and not FAST and os.environ.get("LLM_SKIP_SHAKESPEARE") != "1":
+if SHAKESPEARE and not FAST and os.environ.get("LLM_SKIP_SHAKESPEARE") != "1":
     DATASETS["tinyshakespeare"] = SHAKESPEARE
 print(f"train length {TRAIN_LEN}, eval lengths {EVAL_LENS}, {STEPS} steps, datasets {list(DATASETS)}")
 
