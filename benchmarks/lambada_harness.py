@@ -40,6 +40,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from _common import sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -93,11 +94,6 @@ def build_model(
     return directory
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 class Harness:
     """lm-evaluation-harness's HFLM on the ``lambada_openai`` requests."""
 
@@ -116,10 +112,10 @@ class Harness:
     def run(self, device: str) -> tuple[float, dict[str, float]]:
         from lm_eval.api.metrics import mean, perplexity
 
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         results = self.lm.loglikelihood(self.requests, disable_tqdm=True)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
         return seconds, {"acc": mean([float(g) for _, g in results]), "ppl": perplexity([ll for ll, _ in results])}
 
@@ -147,11 +143,11 @@ class Ours:
             enable_model_summary=False,
             enable_checkpointing=False,
         )
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         dm = LambadaDataModule(path=str(self.jsonl), tokenizer=str(self.model_dir), batch_size=self.batch_size)
         (out,) = trainer.test(self.model, datamodule=dm, verbose=False)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
         return seconds, {"acc": float(out["test/lambada_acc"]), "ppl": float(out["test/lambada_ppl"])}
 

@@ -37,6 +37,7 @@ import sys
 import time
 
 import torch
+from _common import sync
 
 SHAPES = [(8, 512, 32000), (4, 1024, 50304)]
 IMPLS = ("torchmetrics", "lightning_llm")
@@ -60,11 +61,6 @@ def _inputs(shape: tuple[int, int, int], device: str, dtype: torch.dtype) -> tup
     return logits, target
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_updates(shape: tuple[int, int, int], device: str, dtype: torch.dtype, repeats: int) -> dict[str, dict]:
     """Time both implementations on the same inputs, interleaved (A B A B ...) so load drifts hit both alike."""
     logits, target = _inputs(shape, device, dtype)
@@ -75,10 +71,10 @@ def time_updates(shape: tuple[int, int, int], device: str, dtype: torch.dtype, r
     cpu: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for _ in range(repeats):
         for impl, metric in metrics.items():
-            _sync(device)
+            sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             metric.update(logits, target)
-            _sync(device)
+            sync(device)
             times[impl].append(time.perf_counter() - t0)
             cpu[impl].append(time.process_time() - c0)
     return {

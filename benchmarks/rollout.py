@@ -18,21 +18,17 @@ import statistics
 import time
 
 import torch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from _common import sync
 
 
 def _time(fn, device: torch.device, repeats: int) -> float:
     fn()  # warm-up
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -86,10 +82,10 @@ def bench_generation(args: argparse.Namespace, device: torch.device) -> dict[str
         times: dict[str, list[float]] = {"hf": [], "ours": []}
         for _ in range(args.repeats):
             for name, fn in (("hf", run_hf), ("ours", run_ours)):
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 fn()
-                _sync(device)
+                sync(device)
                 times[name].append(time.perf_counter() - t0)
     t_hf, t_ours = statistics.median(times["hf"]), statistics.median(times["ours"])
     n = args.batch_size * args.new_tokens

@@ -11,9 +11,9 @@ is the cost of the step itself, unaffected by other processes competing for the 
 machine are noise; several OpenMP threads per process on an oversubscribed machine even spin against each other).
 Ratios are throughput ratios: > 1.00x means faster than the reference column.
 
-The Hugging Face model is built with the same width, depth, heads, KV heads, MLP width, norm epsilon, RoPE base and
-untied embeddings, with ``attn_implementation="sdpa"``; it computes its loss from ``labels`` (shifted inside), ours from
-``targets`` (already shifted), both a mean cross-entropy over the batch.
+The Hugging Face model is ``lightning_llm.hf.to_hf`` of a freshly initialised ``ours-rope`` Transformer (same width,
+depth, heads, KV heads, MLP width, norm epsilon, RoPE base and untied embeddings), with ``attn_implementation="sdpa"``;
+it computes its loss from ``labels`` (shifted inside), ours from ``targets`` (already shifted), both a mean cross-entropy over the batch.
 
 Example (CPU defaults, ~1-2 minutes on 2 cores)::
 
@@ -39,7 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import sync  # noqa: E402
+
 from lightning_llm.config import TransformerConfig  # noqa: E402
+from lightning_llm.hf import to_hf  # noqa: E402
 from lightning_llm.nn import Transformer  # noqa: E402
 
 
@@ -84,26 +87,8 @@ def our_config(args: argparse.Namespace, pos_encoding: str) -> TransformerConfig
 
 
 def build_hf_llama(cfg: TransformerConfig) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.n_embd,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_kv_head,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.block_size,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    hf_cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(hf_cfg)
+    """A ``LlamaForCausalLM`` of the shape of ``cfg``: :func:`lightning_llm.hf.to_hf` of a fresh Transformer."""
+    return to_hf(Transformer(cfg), attn_implementation="sdpa", use_cache=False)
 
 
 def make_step(model: torch.nn.Module, kind: str, ids: torch.Tensor, precision: str) -> Callable[[], float]:
@@ -130,11 +115,6 @@ def make_step(model: torch.nn.Module, kind: str, ids: torch.Tensor, precision: s
         return loss.detach()
 
     return step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +300,10 @@ def _head(state: dict, hf_model: nn.Module, config: TransformerConfig) -> None:
         state["lm_head.weight"] = hf_model.get_output_embeddings().weight
 
 
+_LLAMA_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
 def _llama_state(hf: nn.Module, config: TransformerConfig) -> dict[str, torch.Tensor]:
     base, state = hf.model, {}
     state["wte.weight"] = base.embed_tokens.weight
@@ -307,14 +311,11 @@ def _llama_state(hf: nn.Module, config: TransformerConfig) -> dict[str, torch.Te
         p, attn, mlp = f"blocks.{i}", layer.self_attn, layer.mlp
         _norm(state, f"{p}.norm_1", layer.input_layernorm)
         _norm(state, f"{p}.norm_2", layer.post_attention_layernorm)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(attn, name)
-            bias = _bias_or_zeros(lin, lin.weight.shape[0], lin.weight) if config.bias else None
-            _linear(state, f"{p}.attn.{name}", lin.weight, bias)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            lin = getattr(mlp, name)
-            bias = _bias_or_zeros(lin, lin.weight.shape[0], lin.weight) if config.bias else None
-            _linear(state, f"{p}.mlp.{name}", lin.weight, bias)
+        for part, module, names in (("attn", attn, _LLAMA_ATTN), ("mlp", mlp, _LLAMA_MLP)):
+            for name in names:
+                lin = getattr(module, name)
+                bias = _bias_or_zeros(lin, lin.weight.shape[0], lin.weight) if config.bias else None
+                _linear(state, f"{p}.{part}.{name}", lin.weight, bias)
     _norm(state, "norm_f", base.norm)
     _head(state, hf, config)
     return state
@@ -333,16 +334,24 @@ def _fused_attention(state: dict, p: str, qkv: nn.Module, dense: nn.Module, conf
     _linear(state, f"{p}.attn.o_proj", dense.weight, _bias_or_zeros(dense, dense.weight.shape[0], dense.weight))
 
 
+def _fused_blocks(state: dict, layers: Iterable[nn.Module], attn_name: str, config: TransformerConfig) -> None:
+    """Map the decoder layers GPT-NeoX and BLOOM share: fused per-head QKV, ``dense_h_to_4h`` / ``dense_4h_to_h`` MLP.
+
+    ``attn_name`` is the layer's attention attribute: ``attention`` (GPT-NeoX) or ``self_attention`` (BLOOM).
+    """
+    for i, layer in enumerate(layers):
+        p, attn, mlp = f"blocks.{i}", getattr(layer, attn_name), layer.mlp
+        _norm(state, f"{p}.norm_1", layer.input_layernorm)
+        _norm(state, f"{p}.norm_2", layer.post_attention_layernorm)
+        _fused_attention(state, p, attn.query_key_value, attn.dense, config)
+        _linear(state, f"{p}.mlp.up_proj", mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias)
+        _linear(state, f"{p}.mlp.down_proj", mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias)
+
+
 def _neox_state(hf: nn.Module, config: TransformerConfig) -> dict[str, torch.Tensor]:
     base, state = hf.gpt_neox, {}
     state["wte.weight"] = base.embed_in.weight
-    for i, layer in enumerate(base.layers):
-        p = f"blocks.{i}"
-        _norm(state, f"{p}.norm_1", layer.input_layernorm)
-        _norm(state, f"{p}.norm_2", layer.post_attention_layernorm)
-        _fused_attention(state, p, layer.attention.query_key_value, layer.attention.dense, config)
-        _linear(state, f"{p}.mlp.up_proj", layer.mlp.dense_h_to_4h.weight, layer.mlp.dense_h_to_4h.bias)
-        _linear(state, f"{p}.mlp.down_proj", layer.mlp.dense_4h_to_h.weight, layer.mlp.dense_4h_to_h.bias)
+    _fused_blocks(state, base.layers, "attention", config)
     _norm(state, "norm_f", base.final_layer_norm)
     _head(state, hf, config)
     return state
@@ -352,13 +361,7 @@ def _bloom_state(hf: nn.Module, config: TransformerConfig) -> dict[str, torch.Te
     base, state = hf.transformer, {}
     state["wte.weight"] = base.word_embeddings.weight
     _norm(state, "emb_norm", base.word_embeddings_layernorm)
-    for i, layer in enumerate(base.h):
-        p = f"blocks.{i}"
-        _norm(state, f"{p}.norm_1", layer.input_layernorm)
-        _norm(state, f"{p}.norm_2", layer.post_attention_layernorm)
-        _fused_attention(state, p, layer.self_attention.query_key_value, layer.self_attention.dense, config)
-        _linear(state, f"{p}.mlp.up_proj", layer.mlp.dense_h_to_4h.weight, layer.mlp.dense_h_to_4h.bias)
-        _linear(state, f"{p}.mlp.down_proj", layer.mlp.dense_4h_to_h.weight, layer.mlp.dense_4h_to_h.bias)
+    _fused_blocks(state, base.h, "self_attention", config)
     _norm(state, "norm_f", base.ln_f)
     _head(state, hf, config)
     return state
@@ -597,15 +600,13 @@ def to_hf(model: Transformer, **hf_config_kwargs: Any):
         p, q = f"blocks.{i}", f"model.layers.{i}"
         state[f"{q}.input_layernorm.weight"] = src[f"{p}.norm_1.weight"]
         state[f"{q}.post_attention_layernorm.weight"] = src[f"{p}.norm_2.weight"]
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            for kind in ("weight", "bias") if config.bias else ("weight",):
-                t = src[f"{p}.attn.{name}.{kind}"]
-                if config.rope_layout == "interleaved" and name in ("q_proj", "k_proj"):
-                    t = _interleaved_to_half(t, h if name == "q_proj" else g, d)
-                state[f"{q}.self_attn.{name}.{kind}"] = t
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            for kind in ("weight", "bias") if config.bias else ("weight",):
-                state[f"{q}.mlp.{name}.{kind}"] = src[f"{p}.mlp.{name}.{kind}"]
+        for part, hf_part, names in (("attn", "self_attn", _LLAMA_ATTN), ("mlp", "mlp", _LLAMA_MLP)):
+            for name in names:
+                for kind in ("weight", "bias") if config.bias else ("weight",):
+                    t = src[f"{p}.{part}.{name}.{kind}"]
+                    if config.rope_layout == "interleaved" and name in ("q_proj", "k_proj"):
+                        t = _interleaved_to_half(t, h if name == "q_proj" else g, d)
+                    state[f"{q}.{hf_part}.{name}.{kind}"] = t
     state["model.norm.weight"] = src["norm_f.weight"]
     state["lm_head.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
 

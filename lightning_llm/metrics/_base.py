@@ -34,3 +34,8 @@ class Float64StateMetric(Metric):
                 this._defaults[key] = _keep64(this._defaults[key])
                 setattr(this, key, _keep64(getattr(this, key)))
         return this
+
+    def _add_sum_states(self, **dtypes: torch.dtype) -> None:
+        """Register one zero scalar state per keyword (name=dtype), each summed across processes, in the given order."""
+        for name, dtype in dtypes.items():
+            self.add_state(name, default=torch.tensor(0, dtype=dtype), dist_reduce_fx="sum")

@@ -6,18 +6,16 @@ Notation:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from lightning_llm.metrics._base import Float64StateMetric
-from lightning_llm.metrics.functional._checks import _check_ignore_index
 from lightning_llm.metrics.functional.language_modeling import _bits_per_byte_compute, _check_num_bytes
-from lightning_llm.metrics.perplexity import _nll_and_count
+from lightning_llm.metrics.perplexity import _TokenNLLMetric
 
 
-class BitsPerByte(Float64StateMetric):
+class BitsPerByte(_TokenNLLMetric):
     """Bits per UTF-8 byte ``total NLL / (ln 2 * total bytes)`` over all updates (and processes).
 
     ``update(logits, target, num_bytes)`` or ``update(logprobs=..., mask=..., num_bytes=...)``, where
@@ -37,25 +35,8 @@ class BitsPerByte(Float64StateMetric):
     is_differentiable = True
     higher_is_better = False
     full_state_update = False
-    nll_sum: Tensor
+    _extra_states: ClassVar[dict[str, torch.dtype]] = {"num_bytes": torch.int64}
     num_bytes: Tensor
-    count: Tensor
-
-    def __init__(
-        self,
-        ignore_index: int | None = None,
-        chunk_bytes: int | None = None,
-        validate_args: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        _check_ignore_index(ignore_index)
-        self.ignore_index = ignore_index
-        self.chunk_bytes = chunk_bytes
-        self.validate_args = validate_args
-        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_bytes", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -74,11 +55,7 @@ class BitsPerByte(Float64StateMetric):
             )
         batch = logits.shape[0] if logits is not None else (logprobs.shape[0] if logprobs is not None else None)
         n_bytes = _check_num_bytes(num_bytes, batch)
-        nll_sum, count = _nll_and_count(
-            logits, target, logprobs, mask, self.ignore_index, self.chunk_bytes, self.validate_args
-        )
-        self.nll_sum += nll_sum.to(self.nll_sum.device)
-        self.count += count.to(self.count.device)
+        self._add_nll(logits, target, logprobs, mask)
         self.num_bytes += n_bytes.to(self.num_bytes.device)
 
     def compute(self) -> Tensor:

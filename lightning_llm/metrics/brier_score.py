@@ -34,8 +34,7 @@ class BrierScore(Float64StateMetric):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("sum_squared_error", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self._add_sum_states(sum_squared_error=torch.float64, n=torch.int64)
 
     def update(self, confidence: Tensor, correct: Tensor) -> None:
         """Add one batch of (confidence, 0/1 correct) pairs."""

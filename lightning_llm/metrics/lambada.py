@@ -56,9 +56,7 @@ class LambadaAccuracy(Float64StateMetric):
         self.ignore_index = ignore_index
         self.chunk_bytes = chunk_bytes
         self.validate_args = validate_args
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("logprob_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self._add_sum_states(correct=torch.int64, logprob_sum=torch.float64, n=torch.int64)
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Score a batch of examples (one per row)."""

@@ -6,7 +6,7 @@ Notation:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -47,7 +47,43 @@ def _nll_and_count(
     return _perplexity_update(logits, target, ignore_index, chunk_bytes, validate_args)
 
 
-class Perplexity(Float64StateMetric):
+class _TokenNLLMetric(Float64StateMetric):
+    """Shared state of :class:`Perplexity` and ``BitsPerByte``: ``nll_sum`` (float64) and ``count`` (int64, tokens).
+
+    A subclass lists further scalar states (name: dtype) in ``_extra_states``; they are registered between the two.
+    All states are summed across processes.
+    """
+
+    _extra_states: ClassVar[dict[str, torch.dtype]] = {}
+    nll_sum: Tensor
+    count: Tensor
+
+    def __init__(
+        self,
+        ignore_index: int | None = None,
+        chunk_bytes: int | None = None,
+        validate_args: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_ignore_index(ignore_index)
+        self.ignore_index = ignore_index
+        self.chunk_bytes = chunk_bytes
+        self.validate_args = validate_args
+        self._add_sum_states(nll_sum=torch.float64, **self._extra_states, count=torch.int64)
+
+    def _add_nll(
+        self, logits: Tensor | None, target: Tensor | None, logprobs: Tensor | None, mask: Tensor | None
+    ) -> None:
+        """Add the NLL sum and scored-token count of a batch given as ``(logits, target)`` or ``logprobs=``/``mask=``."""
+        nll_sum, count = _nll_and_count(
+            logits, target, logprobs, mask, self.ignore_index, self.chunk_bytes, self.validate_args
+        )
+        self.nll_sum += nll_sum.to(self.nll_sum.device)
+        self.count += count.to(self.count.device)
+
+
+class Perplexity(_TokenNLLMetric):
     """Perplexity ``exp(total NLL / scored tokens)`` over all updates (and processes).
 
     Inputs to ``update`` / ``forward``, one of:
@@ -79,23 +115,6 @@ class Perplexity(Float64StateMetric):
     is_differentiable = True
     higher_is_better = False
     full_state_update = False
-    nll_sum: Tensor
-    count: Tensor
-
-    def __init__(
-        self,
-        ignore_index: int | None = None,
-        chunk_bytes: int | None = None,
-        validate_args: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        _check_ignore_index(ignore_index)
-        self.ignore_index = ignore_index
-        self.chunk_bytes = chunk_bytes
-        self.validate_args = validate_args
-        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -106,11 +125,7 @@ class Perplexity(Float64StateMetric):
         mask: Tensor | None = None,
     ) -> None:
         """Add the NLL and token count of a batch."""
-        nll_sum, count = _nll_and_count(
-            logits, target, logprobs, mask, self.ignore_index, self.chunk_bytes, self.validate_args
-        )
-        self.nll_sum += nll_sum.to(self.nll_sum.device)
-        self.count += count.to(self.count.device)
+        self._add_nll(logits, target, logprobs, mask)
 
     def compute(self) -> Tensor:
         """Perplexity (float64 scalar); raises ``ValueError`` if no token was scored."""
