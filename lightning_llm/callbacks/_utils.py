@@ -15,7 +15,8 @@ Notation: B batch, T tokens, V vocabulary.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,51 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def iter_batches(batches: Iterable[Any], device: torch.device, max_batches: int | None = None) -> Iterator[Any]:
+    """The batches of ``batches`` moved to ``device``; at most ``max_batches`` of them."""
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield move_to(batch, device)
+
+
+def flat_scored(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits (B*T, V) float32, targets (B*T,), valid (B*T,) bool)``: flattened, ``valid`` marks scored tokens."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
+    tgt = targets.reshape(-1)  # (B*T,)
+    return flat, tgt, tgt != ignore_index
+
+
+@contextmanager
+def eval_mode(module: Any) -> Iterator[None]:
+    """Run the block with ``module`` in eval mode; its training flag is restored afterwards (also on error)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def check_every(name: str, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"`{name}` must be None or an int >= 1 (steps), got {value!r}.")
+
+
+def is_due(step: int, every_n_steps: int | None) -> bool:
+    """Whether a periodic callback runs at global step ``step``: every ``every_n_steps`` steps, never at step 0
+    (``None``: never)."""
+    return bool(every_n_steps) and step > 0 and step % every_n_steps == 0
+
+
+def log_step_metrics(trainer: Any, metrics: dict[str, float]) -> None:
+    """Log ``metrics`` to every logger at the current global step and put them in ``trainer.callback_metrics`` (for
+    checkpointing / early stopping), from hooks where ``LightningModule.log`` is not allowed."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
 
 def log_dir(trainer: Any) -> Path:

@@ -27,6 +27,8 @@ from lightning_llm.callbacks._utils import (
     ForwardFn,
     default_batch_fn,
     default_forward_fn,
+    eval_mode,
+    flat_scored,
     log_figure,
 )
 
@@ -95,9 +97,7 @@ class CalibrationMonitor(L.Callback):
         if self.examples is not None or trainer.sanity_checking:
             return
         logits, targets = self.batch_fn(pl_module, batch)
-        flat = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
-        tgt = targets.reshape(-1)  # (B*T,)
-        valid = tgt != self.ignore_index
+        flat, tgt, valid = flat_scored(logits, targets, self.ignore_index)  # (B*T, V), (B*T,), (B*T,)
         probs = flat[valid].softmax(-1)
         conf, pred = probs.max(-1)
         self._conf.append(conf.double().cpu())
@@ -109,13 +109,8 @@ class CalibrationMonitor(L.Callback):
         def logits(ids: torch.Tensor) -> torch.Tensor:
             return self.forward_fn(pl_module, ids.to(pl_module.device)).float().cpu()
 
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                res = evaluate_multiple_choice(logits, self.tokenizer, self.examples)
-        finally:
-            pl_module.train(was_training)
+        with eval_mode(pl_module), torch.no_grad():
+            res = evaluate_multiple_choice(logits, self.tokenizer, self.examples)
         return torch.tensor(res["confidence"], dtype=torch.float64), torch.tensor(res["correct"])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_llm.callbacks._utils import check_every, log_text
+from lightning_llm.callbacks._utils import check_every, is_due, log_text
 
 
 def find_embedding(module: nn.Module) -> torch.Tensor:
@@ -164,6 +164,6 @@ class EmbeddingProbe(L.Callback):
         return stats
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+        if is_due(trainer.global_step, self.every_n_steps):
             if not self.history or self.history[-1][0] != trainer.global_step:
                 self.probe(trainer, pl_module)

@@ -18,7 +18,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_llm.callbacks._utils import IGNORE_INDEX, BatchFn, check_every, default_batch_fn, move_to
+from lightning_llm.callbacks._utils import (
+    IGNORE_INDEX,
+    BatchFn,
+    check_every,
+    default_batch_fn,
+    eval_mode,
+    flat_scored,
+    is_due,
+    iter_batches,
+    log_step_metrics,
+)
 
 
 @torch.no_grad()
@@ -32,13 +42,9 @@ def subset_metrics(
     """``{"loss", "ppl", "acc", "tokens"}`` of ``module`` over ``batches`` (token-weighted, float64 sums)."""
     nll, hits, count = 0.0, 0, 0
     device = getattr(module, "device", torch.device("cpu"))
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        logits, targets = batch_fn(module, move_to(batch, device))
-        flat = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
-        tgt = targets.reshape(-1)  # (B*T,)
-        valid = tgt != ignore_index
+    for batch in iter_batches(batches, device, max_batches):
+        logits, targets = batch_fn(module, batch)
+        flat, tgt, valid = flat_scored(logits, targets, ignore_index)  # (B*T, V), (B*T,), (B*T,)
         nll += float(F.cross_entropy(flat, tgt, ignore_index=ignore_index, reduction="sum").double())
         hits += int((flat.argmax(-1)[valid] == tgt[valid]).sum())
         count += int(valid.sum())
@@ -89,27 +95,21 @@ class EvalSubsetMonitor(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, dict[str, float]]:
         """Evaluate every subset now and log the metrics."""
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             results = {
                 name: subset_metrics(pl_module, batches, self.batch_fn, self.ignore_index, self.max_batches)
                 for name, batches in self.subsets.items()
             }
-        finally:
-            pl_module.train(was_training)
         step = trainer.global_step
         flat = {f"{self.prefix}/{n}/{k}": v for n, m in results.items() for k, v in m.items() if k != "tokens"}
-        for logger in trainer.loggers:
-            logger.log_metrics(flat, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in flat.items()})
+        log_step_metrics(trainer, flat)
         self.history.append((step, results))
         self._last_step = step
         return results
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if is_due(step, self.every_n_steps) and step != self._last_step:
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_llm.callbacks._utils import ForwardFn, check_every, default_forward_fn, log_text
+from lightning_llm.callbacks._utils import ForwardFn, check_every, default_forward_fn, eval_mode, is_due, log_text
+from lightning_llm.nn.generation import filter_logits
 
 
 @torch.no_grad()
@@ -41,10 +42,7 @@ def sample_tokens(
         if temperature == 0:
             token = int(logits.argmax())
         else:
-            logits = logits / temperature
-            if top_k is not None and 0 < top_k < logits.numel():
-                kth = logits.topk(top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
+            logits = filter_logits(logits / temperature, top_k=top_k)
             token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
         ids.append(token)
         new.append(token)
@@ -106,10 +104,8 @@ class GenerationSamples(L.Callback):
         """``[(prompt, completion)]`` from the module's current weights."""
         gen = torch.Generator().manual_seed(self.seed)
         eos = getattr(self.tokenizer, "eos_id", None)
-        was_training = pl_module.training
-        pl_module.eval()
         out = []
-        try:
+        with eval_mode(pl_module):
             for prompt in self.prompts:
                 ids = self.tokenizer.encode(prompt)
                 if not ids:
@@ -126,8 +122,6 @@ class GenerationSamples(L.Callback):
                     pl_module.device,
                 )
                 out.append((prompt, self.tokenizer.decode(new)))
-        finally:
-            pl_module.train(was_training)
         return out
 
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -139,7 +133,7 @@ class GenerationSamples(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and (not self.samples or self.samples[-1][0] != step):
+        if is_due(step, self.every_n_steps) and (not self.samples or self.samples[-1][0] != step):
             self.log_samples(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -8,13 +8,21 @@ tokens greedy) and ``<prefix>/ppl`` (``exp(-mean summed target log-probability)`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 
-from lightning_llm.callbacks._utils import IGNORE_INDEX, ForwardFn, check_every, default_forward_fn
+from lightning_llm.callbacks._utils import (
+    IGNORE_INDEX,
+    ForwardFn,
+    check_every,
+    default_forward_fn,
+    eval_mode,
+    is_due,
+    log_step_metrics,
+)
 
 
 class LambadaMonitor(L.Callback):
@@ -57,17 +65,12 @@ class LambadaMonitor(L.Callback):
         self.on_val_end = on_validation_end
         self.history: list[tuple[int, dict[str, float]]] = []
 
-    def _batches(self):
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from lightning_llm.data.lambada import collate_lambada
+
         for start in range(0, len(self.examples), self.batch_size):
-            chunk = self.examples[start : start + self.batch_size]
-            width = max(len(ex["input_ids"]) for ex in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)  # (B, T) right-padded
-            targets = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-            for b, ex in enumerate(chunk):
-                ids[b, : len(ex["input_ids"])] = torch.tensor(ex["input_ids"])
-                s = ex["target_start"]
-                targets[b, s : s + len(ex["target_ids"])] = torch.tensor(ex["target_ids"])
-            yield ids, targets
+            batch = collate_lambada(self.examples[start : start + self.batch_size], self.pad_id)
+            yield batch["input_ids"], batch["targets"]  # (B, T) right-padded, (B, T) IGNORE_INDEX off target
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -75,24 +78,18 @@ class LambadaMonitor(L.Callback):
         from lightning_llm.metrics.lambada import LambadaAccuracy
 
         metric = LambadaAccuracy(ignore_index=IGNORE_INDEX, sync_on_compute=False).to(pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             for ids, targets in self._batches():
                 ids, targets = ids.to(pl_module.device), targets.to(pl_module.device)
                 metric.update(self.forward_fn(pl_module, ids).float(), targets)
-        finally:
-            pl_module.train(was_training)
         result = {k: float(v) for k, v in metric.compute().items()}
         metrics = {f"{self.prefix}/{k}": v for k, v in result.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        log_step_metrics(trainer, metrics)
         self.history.append((trainer.global_step, result))
         return result
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if self.every_n_steps and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+        if is_due(trainer.global_step, self.every_n_steps):
             self.evaluate(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -16,7 +16,16 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_llm.callbacks._utils import IGNORE_INDEX, BatchFn, check_every, default_batch_fn, move_to
+from lightning_llm.callbacks._utils import (
+    IGNORE_INDEX,
+    BatchFn,
+    check_every,
+    default_batch_fn,
+    eval_mode,
+    is_due,
+    iter_batches,
+    log_step_metrics,
+)
 
 
 class PerplexityMonitor(L.Callback):
@@ -104,22 +113,16 @@ class PerplexityMonitor(L.Callback):
         self.last = values
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if self.dataloader is None or trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
+        if self.dataloader is None or not is_due(trainer.global_step, self.every_n_steps):
             return
-        was_training = pl_module.training
-        pl_module.eval()
-        self._reset(pl_module.device)
-        try:
-            for batch in self.dataloader:
-                self._update(pl_module, move_to(batch, pl_module.device))
-        finally:
-            pl_module.train(was_training)
+        with eval_mode(pl_module):
+            self._reset(pl_module.device)
+            for batch in iter_batches(self.dataloader, pl_module.device):
+                self._update(pl_module, batch)
         values = self._values(trainer)
         metrics = {f"{self.name}_data": values["ppl"]}
         if "bits_per_byte" in values:
             metrics[f"{self.name}_data_bits_per_byte"] = values["bits_per_byte"]
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        log_step_metrics(trainer, metrics)
         self.last = values
         self.metric.reset()

@@ -70,21 +70,6 @@ def loader(data):
     return torch.utils.data.DataLoader(data, batch_size=None)  # yields the prebuilt batches unchanged
 
 
-def trainer(tmp_path, callbacks, steps=4, **kw):
-    return L.Trainer(
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        **kw,
-    )
-
-
 # ------------------------------------------------------------------------------------------------ eval monitors
 def test_subset_metrics_match_torchmetrics():
     from torchmetrics.text import Perplexity as TMPerplexity
@@ -104,16 +89,14 @@ def test_subset_metrics_match_torchmetrics():
     assert out["acc"] == pytest.approx(hits / count)
 
 
-def test_eval_subset_and_perplexity_monitor_in_training(tmp_path):
+def test_eval_subset_and_perplexity_monitor_in_training(make_trainer):
     from torchmetrics.text import Perplexity as TMPerplexity
 
     data = batches(4)
     sub = EvalSubsetMonitor({"a": data[:1], "b": data[1:2]}, every_n_steps=2)
     ppl = PerplexityMonitor(bytes_fn=lambda b: 2 * b["targets"].numel())
     model = TinyLM()
-    trainer(tmp_path, [sub, ppl], steps=4, limit_val_batches=2, val_check_interval=4).fit(
-        model, loader(data), loader(data)
-    )
+    make_trainer([sub, ppl], steps=4, limit_val_batches=2, val_check_interval=4).fit(model, loader(data), loader(data))
     assert [s for s, _ in sub.history] == [2, 4]
     ref = TMPerplexity()
     with torch.no_grad():
@@ -125,14 +108,14 @@ def test_eval_subset_and_perplexity_monitor_in_training(tmp_path):
     assert sub.history[-1][1]["a"]["ppl"] == pytest.approx(subset_metrics(model, data[:1])["ppl"], rel=1e-5)
 
 
-def test_calibration_monitor_matches_references(tmp_path):
+def test_calibration_monitor_matches_references(make_trainer):
     import calibration as cal
     from torchmetrics.functional.classification import binary_calibration_error
 
     data = batches(2)
     mon = CalibrationMonitor(num_bins=10)
     model = TinyLM()
-    trainer(tmp_path, [mon], steps=1, limit_val_batches=2, val_check_interval=1).fit(model, loader(data), loader(data))
+    make_trainer([mon], steps=1, limit_val_batches=2, val_check_interval=1).fit(model, loader(data), loader(data))
     with torch.no_grad():
         probs = torch.cat([model(b["input_ids"]).softmax(-1).flatten(0, 1) for b in data])
     tgt = torch.cat([b["targets"].flatten() for b in data])
@@ -145,7 +128,7 @@ def test_calibration_monitor_matches_references(tmp_path):
     assert mon.last_figure_path.endswith(".png")
 
 
-def test_lambada_monitor_matches_naive_loop(tmp_path):
+def test_lambada_monitor_matches_naive_loop(make_trainer):
     class CharTok:  # one id per lowercase letter / space; eos = pad = 0
         eos_id = pad_id = 0
         bos_id = None
@@ -159,7 +142,7 @@ def test_lambada_monitor_matches_naive_loop(tmp_path):
     texts = ["the cat sat on a mat", "a dog ran far", "we go"]
     mon = LambadaMonitor(texts, CharTok(), every_n_steps=1, batch_size=2)
     model = TinyLM()
-    res = mon.evaluate(trainer(tmp_path, [mon], steps=1), model)
+    res = mon.evaluate(make_trainer([mon], steps=1), model)
     tok = CharTok()
     correct, logprob = [], []
     with torch.no_grad():
@@ -202,9 +185,9 @@ def test_measured_flops_match_formula_for_linear_model():
     assert mon.flops_per_token(Head(), T, b) == pytest.approx(6 * 8 * V)
 
 
-def test_throughput_logs_mfu(tmp_path):
+def test_throughput_logs_mfu(make_trainer):
     mon = LLMThroughputMonitor(flops_per_token=1e6, peak_flops=1e9, log_every_n_steps=2, window_size=2)
-    trainer(tmp_path, [mon], steps=4).fit(TinyLM(), loader(batches(4)))
+    make_trainer([mon], steps=4).fit(TinyLM(), loader(batches(4)))
     m = mon.last
     assert m["throughput/mfu"] == pytest.approx(m["throughput/flops_per_sec"] / 1e9)
     assert m["throughput/flops_per_sec"] == pytest.approx(m["throughput/tokens_per_sec"] * 1e6)
@@ -233,15 +216,15 @@ def test_embedding_stats_references():
     assert [[i for i, _ in row] for row in ours] == [list(r[1:]) for r in idx]
 
 
-def test_embedding_probe_logs_neighbours(tmp_path):
+def test_embedding_probe_logs_neighbours(tmp_path, make_trainer):
     probe = EmbeddingProbe(every_n_steps=2, tokens=[1, 2], k=2, n_pairs=50)
-    trainer(tmp_path, [probe], steps=2).fit(TinyLM(), loader(batches(2)))
+    make_trainer([probe], steps=2).fit(TinyLM(), loader(batches(2)))
     assert probe.history[0][0] == 2 and len(probe.last_neighbours.splitlines()) == 2
     assert (tmp_path / "embedding_neighbours.txt").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ loss spikes
-def test_guard_skips_nan_update_and_reports_step(tmp_path):
+def test_guard_skips_nan_update_and_reports_step(make_trainer):
     guard = LossSpikeGuard(action="skip")
     model = TinyLM(nan_at=2)
     snapshots = {}
@@ -250,7 +233,7 @@ def test_guard_skips_nan_update_and_reports_step(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             snapshots[batch_idx] = [p.detach().clone() for p in pl_module.parameters()]
 
-    trainer(tmp_path, [guard, Snap()], steps=4).fit(model, loader(batches(4)))
+    make_trainer([guard, Snap()], steps=4).fit(model, loader(batches(4)))
     assert len(guard.events) == 1
     ev = guard.events[0]
     assert (ev.kind, ev.batch_idx, ev.step, ev.action) == ("nonfinite", 2, 2, "skip")
@@ -259,9 +242,9 @@ def test_guard_skips_nan_update_and_reports_step(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_guard_detects_spike_and_stops(tmp_path):
+def test_guard_detects_spike_and_stops(make_trainer):
     guard = LossSpikeGuard(action="stop", warmup=3, window=5)
-    t = trainer(tmp_path, [guard], steps=8)
+    t = make_trainer([guard], steps=8)
     t.fit(TinyLM(spike_at=5), loader(batches(8)))
     assert [e.kind for e in guard.events] == ["spike"] and guard.events[0].batch_idx == 5
     assert t.global_step == 6 < 8  # stopped after the spiking step (whose update was dropped)

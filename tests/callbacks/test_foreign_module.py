@@ -74,7 +74,7 @@ def demo_forward(module, ids):  # the demo model needs a decoder input; feed the
     return module.model(ids, ids).view(*ids.shape, -1)
 
 
-def test_all_callbacks_in_demo_transformer(wikitext, tmp_path):
+def test_all_callbacks_in_demo_transformer(wikitext, tmp_path, make_trainer):
     tok = WordTokenizer(wikitext.dictionary)
     loader = DataLoader(wikitext, batch_size=4)
     val = DataLoader(wikitext, batch_size=4)
@@ -97,17 +97,14 @@ def test_all_callbacks_in_demo_transformer(wikitext, tmp_path):
         ),
     }
     logger = CSVLogger(tmp_path, name="demo")
-    trainer = L.Trainer(
-        max_steps=6,
+    trainer = make_trainer(
+        list(cbs.values()),
+        steps=6,
         val_check_interval=3,
         limit_val_batches=2,
         logger=logger,
-        callbacks=list(cbs.values()),
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         log_every_n_steps=1,
-        accelerator="cpu",
-        num_sanity_val_steps=0,
     )
     model = DemoLM(len(wikitext.dictionary))
     trainer.fit(model, train_dataloaders=loader, val_dataloaders=val)
