@@ -201,9 +201,7 @@ class CausalLM(L.LightningModule):
                 return model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits, targets[:, keep]
         elif isinstance(model, Transformer) and not hasattr(model.output_weight, "device_mesh"):
             hidden = model(input_ids, attention_mask=mask, return_hidden=True)[:, keep]  # (B, P, C)
-            bias = model.lm_head.bias if model.lm_head is not None else None
-            logits = F.linear(hidden, model.output_weight, bias)[..., : model.config.vocab_size]  # (B, P, V)
-            return logits, targets[:, keep]
+            return model.logits(hidden), targets[:, keep]  # (B, P, V)
         return self(input_ids, mask)[:, keep], targets[:, keep]
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:

@@ -40,7 +40,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from lightning_llm.config import TransformerConfig
@@ -57,7 +56,6 @@ from lightning_llm.modules._common import (
 from lightning_llm.modules.reward_model import RewardModel
 from lightning_llm.nn.generation import generate
 from lightning_llm.nn.heads import ScalarHead
-from lightning_llm.nn.transformer import Transformer
 from lightning_llm.rlhf import (
     AdaptiveKLController,
     FixedKLController,
@@ -155,12 +153,6 @@ class Rollout:
             else:
                 out[f.name] = v
         return Rollout(**out)
-
-
-def _logits_from_hidden(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
-    bias = model.lm_head.bias if model.lm_head is not None else None
-    logits = F.linear(hidden, model.output_weight, bias)  # (B, T, V_padded)
-    return logits[..., : model.config.vocab_size]
 
 
 class PPO(L.LightningModule):
@@ -301,7 +293,7 @@ class PPO(L.LightningModule):
         """Response logits ``(B, N, V)`` and values ``(B, N)`` (the state before each response token)."""
         p = prompt_length
         hidden = self.policy(sequences, attention_mask=attention_mask, return_hidden=True)  # (B, P+N, C)
-        logits = _logits_from_hidden(self.policy, hidden[:, p - 1 : -1])  # (B, N, V)
+        logits = self.policy.logits(hidden[:, p - 1 : -1])  # (B, N, V)
         if self.value_backbone is not None:
             hidden = self.value_backbone(sequences, attention_mask=attention_mask, return_hidden=True)  # (B, P+N, C)
         values = self.value_head(hidden[:, p - 1 : -1]).float()  # (B, N)

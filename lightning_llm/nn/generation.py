@@ -81,9 +81,7 @@ def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     The prefill never materialises ``(B, P, V)`` logits (``B * P * V`` floats: gigabytes for long prompts and large
     vocabularies); Hugging Face's ``generate`` does the same with ``logits_to_keep=1``.
     """
-    bias = model.lm_head.bias if model.lm_head is not None else None
-    logits = torch.nn.functional.linear(hidden, model.output_weight, bias)  # (B, V_padded)
-    return logits[:, : model.config.vocab_size].float()
+    return model.logits(hidden).float()  # (B, V)
 
 
 @torch.no_grad()

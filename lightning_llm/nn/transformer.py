@@ -286,7 +286,16 @@ class Transformer(nn.Module):
             return chunked_cross_entropy(
                 x.flatten(0, 1), self.output_weight, targets.flatten(), bias, vocab_size=self.config.vocab_size
             )
-        logits = F.linear(x, self.output_weight, bias)  # (B, T, V_padded)
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project final hidden states ``(..., C)`` to logits ``(..., V)`` (padded vocabulary rows dropped).
+
+        Callers that need only some positions (the last one while decoding, target positions in LAMBADA) select them
+        from ``forward(..., return_hidden=True)`` first and project just those.
+        """
+        bias = self.lm_head.bias if self.lm_head is not None else None
+        logits = F.linear(hidden, self.output_weight, bias)  # (..., V_padded)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
         return logits
