@@ -37,7 +37,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from lightning_llm.config import TransformerConfig
     from lightning_llm.modules.causal_lm import CausalLM
-    from lightning_llm.strategies import ddp, fsdp2, sharded_state_bytes
+    from lightning_llm.parallel import ddp, fsdp2, sharded_state_bytes
 
     class Data(TensorDataset):
         def __getitem__(self, i):

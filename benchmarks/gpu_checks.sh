@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
 status() { echo "| $1 | $2 |"; }
-python -m pytest -q -p no:cacheprovider tests/strategies/test_distributed.py -k fsdp -m "cuda" > /tmp/gpu_fsdp.log 2>&1; fsdp=$?
+python -m pytest -q -p no:cacheprovider tests/parallel/test_distributed.py -k fsdp -m "cuda" > /tmp/gpu_fsdp.log 2>&1; fsdp=$?
 python -m pytest -q -p no:cacheprovider tests/nn/test_attention.py -m slow > /tmp/gpu_flex.log 2>&1; flex=$?
 python benchmarks/train_throughput.py --device cuda --n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50304 \
     --seq-len 1024 --batch-size 16 --rounds 5 > /tmp/gpu_tput.log 2>&1

@@ -1,14 +1,14 @@
 """LAMBADA evaluation time: lightning_llm vs lm-evaluation-harness on the same Hugging Face model and passages.
 
-    python benchmarks/lambada_harness.py                       # first 500 passages of ../shared/data/lambada_test.jsonl
+    python benchmarks/lambada_harness.py                       # the first 500 passages of OpenAI's LAMBADA test set
     python benchmarks/lambada_harness.py --n 100 --threads 1   # quicker; one thread is steadier on a loaded machine
-    python benchmarks/lambada_harness.py --device cuda
+    python benchmarks/lambada_harness.py --device cuda --data PATH/lambada_test.jsonl
 
 The model is built here, offline: a byte-level BPE (``Tokenizer.train_bpe``, ``--vocab`` tokens) trained on the
 embedded corpus, ``tinyshakespeare.txt`` and the LAMBADA passages *after* the benchmarked ones, and a GPT-2-shaped
 ``transformers.GPT2LMHeadModel`` (``--layers``, ``--width``, 1024 positions) with random weights (GPT-2 init), or
 briefly trained with ``--train-steps`` (a few hundred steps do not make LAMBADA's accuracy non-zero; the exact-accuracy
-check on a model that gets some targets right is ``tests/lambada_parity``). Both saved with ``save_pretrained`` to a temporary
+check on a model that gets some targets right is ``tests/metrics/harness_parity``). Both saved with ``save_pretrained`` to a temporary
 directory, which both sides load.
 
 * harness: ``lm_eval.models.huggingface.HFLM(pretrained=dir, batch_size=B).loglikelihood`` on the ``lambada_openai``
@@ -16,9 +16,9 @@ directory, which both sides load.
   ``ppl`` = ``lm_eval.api.metrics.perplexity`` of the log-likelihoods. Timed: ``loglikelihood`` (tokenizing,
   sorting, batching, scoring); the model load in ``HFLM(...)`` is not timed.
 * ours: ``LambadaDataModule`` + ``CausalLM(pretrained=dir, eval_task="lambada")`` through ``Trainer.test``, the path
-  of ``lightning-llm test --config configs/eval/lambada.yaml``; ``--convert`` also times ``convert_pretrained=True``
-  (our :class:`~lightning_llm.nn.transformer.Transformer` with the same weights). Timed: tokenizing (``setup``) and
-  ``Trainer.test``; the model load (``configure_model``) is not timed.
+  of ``lightning-llm test --config configs/eval/lambada.yaml``: the directory is read by
+  :func:`lightning_llm.load_pretrained` into our :class:`~lightning_llm.nn.transformer.Transformer` with the same
+  weights. Timed: tokenizing (``setup``) and ``Trainer.test``; the model load (``configure_model``) is not timed.
 
 Runs are interleaved (harness, ours, harness, ours, ...) and the minimum wall time over ``--repeats`` is reported.
 """
@@ -123,11 +123,11 @@ class Harness:
 class Ours:
     """``LambadaDataModule`` + ``CausalLM(eval_task="lambada")`` through ``Trainer.test``."""
 
-    def __init__(self, model_dir: Path, jsonl: Path, batch_size: int, device: str, convert: bool) -> None:
+    def __init__(self, model_dir: Path, jsonl: Path, batch_size: int, device: str) -> None:
         from lightning_llm.modules.causal_lm import CausalLM
 
         self.model_dir, self.jsonl, self.batch_size, self.device = model_dir, jsonl, batch_size, device
-        self.model = CausalLM(pretrained=str(model_dir), convert_pretrained=convert, eval_task="lambada")
+        self.model = CausalLM(pretrained=str(model_dir), eval_task="lambada")  # read by load_pretrained
         self.model.configure_model()  # the load is not timed (as HFLM's)
 
     def run(self, device: str) -> tuple[float, dict[str, float]]:
@@ -161,7 +161,7 @@ def lambada_benchmark(
     train_steps: int = 0,
     repeats: int = 2,
     device: str = "cpu",
-    convert: bool = True,
+    data: str | Path = LAMBADA,
 ) -> list[dict] | None:
     """Times both sides, prints the table; returns its rows (None when lm_eval or the data file is missing)."""
     try:
@@ -169,15 +169,16 @@ def lambada_benchmark(
     except ImportError:
         print("LAMBADA vs lm-evaluation-harness: skipped (lm_eval not installed: pip install lm-eval)")
         return None
-    if not LAMBADA.is_file():
-        print(f"LAMBADA vs lm-evaluation-harness: skipped ({LAMBADA} not present)")
+    data = Path(data)
+    if not data.is_file():
+        print(f"LAMBADA vs lm-evaluation-harness: skipped ({data} not present; pass --data PATH/lambada_test.jsonl)")
         return None
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lm_eval", "transformers"):
         import logging
 
         logging.getLogger(name).setLevel(logging.ERROR)
-    lines = read_lines(LAMBADA)
+    lines = read_lines(data)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         jsonl = tmp / "lambada.jsonl"
@@ -187,10 +188,10 @@ def lambada_benchmark(
         t0 = time.perf_counter()
         model_dir = build_model(tmp / "model", heldout, vocab, layers, width, train_steps)
         build_s = time.perf_counter() - t0
-        sides = {"harness (HFLM)": Harness(model_dir, texts, batch_size, device)}
-        sides["ours (HF module)"] = Ours(model_dir, jsonl, batch_size, device, convert=False)
-        if convert:
-            sides["ours (convert_pretrained)"] = Ours(model_dir, jsonl, batch_size, device, convert=True)
+        sides = {
+            "harness (HFLM)": Harness(model_dir, texts, batch_size, device),
+            "ours (Trainer.test)": Ours(model_dir, jsonl, batch_size, device),
+        }
         for side in sides.values():  # warm-up (first-call costs: lazy imports, allocator)
             side.run(device)
         times: dict[str, list[float]] = {k: [] for k in sides}
@@ -199,10 +200,10 @@ def lambada_benchmark(
             for name, side in sides.items():
                 seconds, numbers[name] = side.run(device)
                 times[name].append(seconds)
-    vocab_size = sides["ours (HF module)"].model.vocab_size
+    vocab_size = sides["ours (Trainer.test)"].model.vocab_size
     dev = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     print(
-        f"\nLAMBADA ({n} passages of {LAMBADA.name}), GPT-2 shape {layers} layers x {width}, vocab {vocab_size}, "
+        f"\nLAMBADA ({n} passages of {data.name}), GPT-2 shape {layers} layers x {width}, vocab {vocab_size}, "
         f"batch {batch_size}, {device} ({dev}), torch {torch.__version__}; model built in {build_s:.0f} s"
     )
     header = f"{'implementation':>26} | {'min s':>7} | {'median s':>8} | {'acc':>8} | {'ppl':>12} | {'speed-up':>8}"
@@ -238,7 +239,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-convert", action="store_true", help="skip the convert_pretrained=True row")
+    parser.add_argument("--data", default=str(LAMBADA), help="OpenAI's lambada_test.jsonl (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -252,7 +253,7 @@ def main() -> None:
         args.train_steps,
         args.repeats,
         args.device,
-        convert=not args.no_convert,
+        data=args.data,
     )
 
 

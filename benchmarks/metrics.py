@@ -18,9 +18,9 @@ Peak memory: the extra memory one update needs on top of its inputs.
 * CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the memory held before.
 
 LAMBADA: the evaluation's wall time against lm-evaluation-harness (``HFLM.loglikelihood``) on the same Hugging Face
-model (built and saved offline) and the first 500 passages of ``../shared/data/lambada_test.jsonl``, with both sides'
-acc / ppl; see ``benchmarks/lambada_harness.py`` (also runnable alone). Skipped when ``lm_eval`` is not installed or
-the file is absent; ``--skip-lambada`` / ``--only-lambada`` select the parts.
+model (built and saved offline) and the first 500 passages of OpenAI's LAMBADA test set (``--lambada-data``), with
+both sides' acc / ppl; see ``benchmarks/lambada_harness.py`` (also runnable alone). Skipped when ``lm_eval`` is not
+installed or the file is absent; ``--skip-lambada`` / ``--only-lambada`` select the parts.
 
     python benchmarks/metrics.py --only-lambada --threads 1 --lambada-n 500
 """
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--skip-lambada", action="store_true", help="skip the LAMBADA vs harness part")
     parser.add_argument("--only-lambada", action="store_true", help="only the LAMBADA vs harness part")
     parser.add_argument("--lambada-n", type=int, default=500, help="LAMBADA: first N passages")
+    parser.add_argument("--lambada-data", default=None, help="LAMBADA: lambada_test.jsonl (default: lambada_harness's)")
     parser.add_argument("--lambada-batch-size", type=int, default=16)
     parser.add_argument("--lambada-repeats", type=int, default=2, help="LAMBADA: timed runs per side (min reported)")
     args = parser.parse_args()
@@ -164,10 +165,14 @@ def main() -> None:
 def lambada_table(args: argparse.Namespace) -> None:
     """LAMBADA evaluation vs lm-evaluation-harness (``benchmarks/lambada_harness.py``), printed as a table."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from lambada_harness import lambada_benchmark
+    from lambada_harness import LAMBADA, lambada_benchmark
 
     lambada_benchmark(
-        n=args.lambada_n, batch_size=args.lambada_batch_size, repeats=args.lambada_repeats, device=args.device
+        n=args.lambada_n,
+        batch_size=args.lambada_batch_size,
+        repeats=args.lambada_repeats,
+        device=args.device,
+        data=args.lambada_data or LAMBADA,
     )
 
 

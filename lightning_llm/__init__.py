@@ -6,8 +6,7 @@ cheap and the pure-torch parts (``lightning_llm.nn``) never pull in Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_llm._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -20,11 +19,15 @@ _EXPORTS = {
     "RewardModel": "lightning_llm.modules.reward_model",
     "PPO": "lightning_llm.modules.ppo",
     "DPO": "lightning_llm.modules.dpo",
+    "GRPO": "lightning_llm.modules.grpo",
+    "RLOO": "lightning_llm.modules.grpo",
+    "SFT": "lightning_llm.modules.sft",
     "TextDataModule": "lightning_llm.data",
     "LambadaDataModule": "lightning_llm.data",
     "Tokenizer": "lightning_llm.data",
     "PreferenceDataModule": "lightning_llm.data",
     "PromptDataModule": "lightning_llm.data",
+    "SFTDataModule": "lightning_llm.data",
     "Perplexity": "lightning_llm.metrics",
     "LambadaAccuracy": "lightning_llm.metrics",
     "HELMCalibration": "lightning_llm.metrics",
@@ -33,12 +36,19 @@ _EXPORTS = {
     "BrierScore": "lightning_llm.metrics",
     "AtomicCheckpointIO": "lightning_llm.checkpoint",
     "ResumableDataLoader": "lightning_llm.checkpoint",
-    "ddp": "lightning_llm.strategies",
-    "fsdp": "lightning_llm.strategies",
-    "fsdp2": "lightning_llm.strategies",
-    "parallelize": "lightning_llm.strategies",
-    "plan": "lightning_llm.strategies",
-    "consolidate_checkpoint": "lightning_llm.consolidate",
+    "load_checkpoint": "lightning_llm.checkpoint",
+    "load_pretrained": "lightning_llm.loading",
+    "LLMModule": "lightning_llm.modules.base",
+    "token_logprobs": "lightning_llm.ops",
+    "IGNORE_INDEX": "lightning_llm.ops",
+    "ddp": "lightning_llm.parallel",
+    "fsdp": "lightning_llm.parallel",
+    "fsdp2": "lightning_llm.parallel",
+    "PipelineStrategy": "lightning_llm.parallel",
+    "FSDP2Strategy": "lightning_llm.parallel",
+    "parallelize": "lightning_llm.parallel",
+    "plan": "lightning_llm.parallel",
+    "consolidate_checkpoint": "lightning_llm.parallel",
     "LightningLLMCLI": "lightning_llm.cli",
     "evaluate": "lightning_llm.evaluation",
     "EvalSubsetMonitor": "lightning_llm.callbacks",
@@ -50,20 +60,13 @@ _EXPORTS = {
     "LossSpikeGuard": "lightning_llm.callbacks",
     "GenerationSamples": "lightning_llm.callbacks",
     "LearningCurves": "lightning_llm.callbacks",
+    "MetricsFile": "lightning_llm.callbacks",
     "from_hf": "lightning_llm.hf",
     "to_hf": "lightning_llm.hf",
+    "save_hf": "lightning_llm.hf",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lightning_llm' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,4 +1,4 @@
-from lightning_llm.cli import main
+from lightning_llm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

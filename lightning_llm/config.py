@@ -21,12 +21,12 @@ BACKENDS = ("auto", "sdpa", "flex", "eager")
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ValueError(f"TransformerConfig.{name} must be one of {options}, got {value!r}.")
+        raise ValueError(f"TransformerConfig.{name} must be one of {options}, got {value!r}; pick one of those.")
 
 
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"TransformerConfig.{name} must be a positive integer, got {value!r}.")
+        raise ValueError(f"TransformerConfig.{name} must be a positive integer, got {value!r}; set it to an int >= 1.")
 
 
 @dataclass
@@ -128,7 +128,8 @@ class TransformerConfig:
         _positive_int("intermediate_size", self.intermediate_size)
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ValueError(
-                f"TransformerConfig.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}."
+                f"TransformerConfig.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}; use 1.0 "
+                "to rotate the whole head (Llama) or e.g. 0.25 (GPT-NeoX)."
             )
         if self.pos_encoding == "rope" and self.rope_dim % 2:
             raise ValueError(
@@ -136,7 +137,10 @@ class TransformerConfig:
                 f"= {self.rope_dim} must be even; change head_dim or partial_rotary_factor."
             )
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
-            raise ValueError(f"Sinusoidal positions need an even n_embd, got {self.n_embd}.")
+            raise ValueError(
+                f"TransformerConfig.n_embd must be even for sinusoidal positions, got {self.n_embd}; use an even width "
+                "or another pos_encoding."
+            )
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
@@ -153,12 +157,13 @@ class TransformerConfig:
                         "e.g. rope_scaling={'type': 'linear', 'factor': 2.0}."
                     )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}.")
+            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}; e.g. 0.0 or 0.1.")
         if self.padded_vocab_size is None:
             self.padded_vocab_size = self.vocab_size
         if self.padded_vocab_size < self.vocab_size:
             raise ValueError(
-                f"TransformerConfig.padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size ({self.vocab_size})."
+                f"TransformerConfig.padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size "
+                f"({self.vocab_size}); leave it unset (= vocab_size) or round vocab_size up, e.g. to a multiple of 64."
             )
 
     @property

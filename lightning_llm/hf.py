@@ -7,8 +7,8 @@ V vocabulary, L layers.
   (an instance, or a local directory loaded with ``AutoModelForCausalLM.from_pretrained``) into a
   :class:`~lightning_llm.nn.transformer.Transformer` with the same weights and, in float32, the same logits.
 * :func:`config_from_hf` is the config half of that: a ``transformers`` config -> :class:`TransformerConfig`.
-* :func:`to_hf` / :func:`save_hf` go the other way for the Llama-shaped configuration (RMSNorm, SwiGLU, RoPE, no
-  parallel residual), so a model trained here can be served by the Hugging Face ecosystem.
+* :func:`to_hf` / :func:`save_hf` go the other way for every configuration one of these four can represent
+  (:func:`hf_architecture` picks it), so a model trained here can be served by the Hugging Face ecosystem.
 
 How each architecture maps onto our module names (``blocks[i].attn.q_proj`` etc.):
 
@@ -42,7 +42,7 @@ from torch import nn
 from lightning_llm.config import TransformerConfig
 from lightning_llm.nn.transformer import Transformer
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "config_from_hf", "from_hf", "save_hf", "to_hf"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "config_from_hf", "from_hf", "hf_architecture", "save_hf", "to_hf"]
 
 #: Hugging Face class name -> ``config.model_type``.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -142,54 +142,60 @@ def _gelu_approximate(cfg: Any, act: str) -> str:
     return _GELU[act]
 
 
-def _llama_config(cfg: Any) -> dict[str, Any]:
-    if cfg.hidden_act != "silu":
-        raise ValueError(f"LlamaConfig.hidden_act must be 'silu' (SwiGLU) to convert, got {cfg.hidden_act!r}.")
+#: TransformerConfig field <-> the name Llama and GPT-NeoX configs give it (read by from_hf, written by to_hf)
+_ROPE_MODEL_FIELDS = {
+    "vocab_size": "vocab_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "n_embd": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+
+def _rope_model(cfg: Any) -> dict[str, Any]:
+    """The fields Llama and GPT-NeoX configs share: sizes, rotary settings (HF's "rotate_half" layout), tying."""
     max_pos = cfg.max_position_embeddings
-    base, _, scaling = _rope_settings(cfg, max_pos)
+    base, partial, scaling = _rope_settings(cfg, max_pos)
+    fields = {ours: getattr(cfg, theirs) for ours, theirs in _ROPE_MODEL_FIELDS.items()}
+    fields["tie_embeddings"] = bool(fields["tie_embeddings"])
     return dict(
-        vocab_size=cfg.vocab_size,
+        fields,
         block_size=max_pos,
-        n_layer=cfg.num_hidden_layers,
-        n_head=cfg.num_attention_heads,
-        n_embd=cfg.hidden_size,
-        n_kv_head=_get(cfg, "num_key_value_heads", default=cfg.num_attention_heads),
-        head_dim=_get(cfg, "head_dim", default=cfg.hidden_size // cfg.num_attention_heads),
-        intermediate_size=cfg.intermediate_size,
         pos_encoding="rope",
         rope_base=base,
         rope_layout="half",
-        partial_rotary_factor=1.0,  # HF Llama rotates the whole head
+        partial_rotary_factor=partial,
         rope_scaling=scaling,
+    )
+
+
+def _llama_config(cfg: Any) -> dict[str, Any]:
+    if cfg.hidden_act != "silu":
+        raise ValueError(f"LlamaConfig.hidden_act must be 'silu' (SwiGLU) to convert, got {cfg.hidden_act!r}.")
+    return dict(
+        _rope_model(cfg),
+        n_kv_head=_get(cfg, "num_key_value_heads", default=cfg.num_attention_heads),
+        head_dim=_get(cfg, "head_dim", default=cfg.hidden_size // cfg.num_attention_heads),
+        partial_rotary_factor=1.0,  # HF Llama rotates the whole head
         norm="rmsnorm",
         norm_eps=cfg.rms_norm_eps,
         mlp="swiglu",
         bias=bool(getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)),
-        tie_embeddings=bool(cfg.tie_word_embeddings),
     )
 
 
 def _neox_config(cfg: Any) -> dict[str, Any]:
-    max_pos = cfg.max_position_embeddings
-    base, partial, scaling = _rope_settings(cfg, max_pos)
+    fields = _rope_model(cfg)
+    partial = fields["partial_rotary_factor"]
     return dict(
-        vocab_size=cfg.vocab_size,
-        block_size=max_pos,
-        n_layer=cfg.num_hidden_layers,
-        n_head=cfg.num_attention_heads,
-        n_embd=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        pos_encoding="rope",
-        rope_base=base,
-        rope_layout="half",
+        fields,
         partial_rotary_factor=float(partial if partial is not None else 0.25),
-        rope_scaling=scaling,
         norm="layernorm",
         norm_eps=cfg.layer_norm_eps,
         mlp="gelu",
         gelu_approximate=_gelu_approximate(cfg, cfg.hidden_act),
         bias=True,  # the MLP always has biases; attention_bias=False becomes zero attention biases
-        tie_embeddings=bool(cfg.tie_word_embeddings),
         parallel_residual=bool(cfg.use_parallel_residual),
     )
 
@@ -488,28 +494,82 @@ def from_hf(
 
 
 # ======================================================================================================== to_hf
-def _check_llama_shaped(config: TransformerConfig) -> None:
-    problems = []
-    if config.pos_encoding != "rope":
-        problems.append(f"pos_encoding={config.pos_encoding!r} (needs 'rope')")
-    if config.partial_rotary_factor != 1.0:
-        problems.append(f"partial_rotary_factor={config.partial_rotary_factor} (needs 1.0)")
-    if config.norm != "rmsnorm":
-        problems.append(f"norm={config.norm!r} (needs 'rmsnorm')")
-    if config.mlp != "swiglu":
-        problems.append(f"mlp={config.mlp!r} (needs 'swiglu')")
-    if config.parallel_residual:
-        problems.append("parallel_residual=True (needs False)")
-    if config.embedding_norm:
-        problems.append("embedding_norm=True (needs False)")
-    if config.lm_head_bias:
-        problems.append("lm_head_bias=True (needs False)")
-    if problems:
-        raise ValueError(
-            "to_hf converts Llama-shaped configurations only (RoPE over the whole head, RMSNorm, SwiGLU, sequential "
-            "residual, no embedding norm or output bias); this model has " + "; ".join(problems) + ". Use "
-            "from_hf-compatible settings or keep the model in lightning_llm."
-        )
+def _shape_problems(config: TransformerConfig) -> dict[str, list[str]]:
+    """For each Hugging Face architecture, what in ``config`` it cannot represent (empty: it can)."""
+    c = config
+    common_fused = []
+    if c.n_kv_head != c.n_head:
+        common_fused.append(f"n_kv_head={c.n_kv_head} != n_head (needs multi-head attention)")
+    if c.head_dim * c.n_head != c.n_embd:
+        common_fused.append(f"head_dim * n_head = {c.head_dim * c.n_head} != n_embd={c.n_embd}")
+    if c.lm_head_bias:
+        common_fused.append("lm_head_bias=True (needs False)")
+    if c.shared_attention_norm:
+        common_fused.append("shared_attention_norm=True (needs False)")
+    if c.norm != "layernorm":
+        common_fused.append(f"norm={c.norm!r} (needs 'layernorm')")
+    if c.mlp != "gelu":
+        common_fused.append(f"mlp={c.mlp!r} (needs 'gelu')")
+    llama = []
+    if c.pos_encoding != "rope":
+        llama.append(f"pos_encoding={c.pos_encoding!r} (needs 'rope')")
+    if c.partial_rotary_factor != 1.0:
+        llama.append(f"partial_rotary_factor={c.partial_rotary_factor} (needs 1.0)")
+    if c.norm != "rmsnorm":
+        llama.append(f"norm={c.norm!r} (needs 'rmsnorm')")
+    if c.mlp != "swiglu":
+        llama.append(f"mlp={c.mlp!r} (needs 'swiglu')")
+    if c.parallel_residual:
+        llama.append("parallel_residual=True (needs False)")
+    if c.embedding_norm:
+        llama.append("embedding_norm=True (needs False)")
+    if c.lm_head_bias:
+        llama.append("lm_head_bias=True (needs False)")
+    neox = list(common_fused)
+    if c.pos_encoding != "rope":
+        neox.append(f"pos_encoding={c.pos_encoding!r} (needs 'rope')")
+    if c.embedding_norm:
+        neox.append("embedding_norm=True (needs False)")
+    if c.rope_scaling is not None:
+        neox.append("rope_scaling (needs None)")
+    bloom = list(common_fused)
+    if c.pos_encoding != "alibi":
+        bloom.append(f"pos_encoding={c.pos_encoding!r} (needs 'alibi')")
+    if not c.embedding_norm:
+        bloom.append("embedding_norm=False (needs True)")
+    if c.parallel_residual:
+        bloom.append("parallel_residual=True (needs False)")
+    if c.gelu_approximate != "tanh":
+        bloom.append(f"gelu_approximate={c.gelu_approximate!r} (needs 'tanh')")
+    if c.intermediate_size != 4 * c.n_embd:
+        bloom.append(f"intermediate_size={c.intermediate_size} (needs 4 * n_embd)")
+    gpt2 = list(common_fused)
+    if c.pos_encoding != "learned":
+        gpt2.append(f"pos_encoding={c.pos_encoding!r} (needs 'learned')")
+    if c.embedding_norm:
+        gpt2.append("embedding_norm=True (needs False)")
+    if c.parallel_residual:
+        gpt2.append("parallel_residual=True (needs False)")
+    return {"llama": llama, "gpt_neox": neox, "bloom": bloom, "gpt2": gpt2}
+
+
+def hf_architecture(config: TransformerConfig) -> str:
+    """The Hugging Face ``model_type`` that represents ``config`` exactly (``llama``, ``gpt_neox``, ``bloom``,
+    ``gpt2``).
+
+    Raises:
+        ValueError: no supported architecture can (the message lists, for each, what does not fit).
+    """
+    problems = _shape_problems(config)
+    for arch, found in problems.items():
+        if not found:
+            return arch
+    detail = "; ".join(f"{arch}: " + ", ".join(found) for arch, found in problems.items())
+    raise ValueError(
+        "to_hf: this model matches no architecture Hugging Face can load (Llama-shaped, GPT-NeoX, BLOOM or GPT-2 "
+        f"shaped). What does not fit each: {detail}. Train with one of those shapes to export, or keep the model in "
+        "lightning_llm."
+    )
 
 
 def _interleaved_to_half(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -544,31 +604,47 @@ def _hf_rope_scaling(config: TransformerConfig) -> tuple[dict[str, Any] | None, 
     return out, max_pos
 
 
-def to_hf(model: Transformer, **hf_config_kwargs: Any):
-    """Convert a Llama-shaped :class:`Transformer` into a ``transformers.LlamaForCausalLM`` with the same logits.
+def _rotary_perm(head_dim: int, rope_dim: int) -> torch.Tensor:
+    """Row order turning the interleaved layout of the first ``rope_dim`` dims into the half layout."""
+    return torch.cat((torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2), torch.arange(rope_dim, head_dim)))
 
-    Llama-shaped: RoPE over the whole head (half or interleaved layout; interleaved is permuted into the half layout),
-    RMSNorm, SwiGLU, sequential residual, no embedding norm, no output bias. Projection biases become
-    ``attention_bias=mlp_bias=True``; grouped-query heads, tied embeddings and rope scaling carry over. A padded
-    vocabulary is cut back to ``vocab_size`` rows.
 
-    Args:
-        model: the model to convert.
-        **hf_config_kwargs: extra ``LlamaConfig`` arguments (``bos_token_id``, ``eos_token_id``, ``pad_token_id``,
-            ``attn_implementation``, ...); token ids default to None.
+def _to_half_layout(t: torch.Tensor, config: TransformerConfig, n_heads: int) -> torch.Tensor:
+    if config.pos_encoding != "rope" or config.rope_layout != "interleaved":
+        return t
+    d, rest = config.head_dim, t.shape[1:]
+    perm = _rotary_perm(d, config.rope_dim)
+    return t.reshape(n_heads, d, *rest)[:, perm].reshape(n_heads * d, *rest)  # (H*D, ...)
 
-    Returns:
-        A ``LlamaForCausalLM`` on the model's device and dtype, in the model's train/eval mode.
-    """
-    transformers = _require_transformers()
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
-    if not isinstance(model, Transformer):
-        raise TypeError(f"to_hf: model must be a lightning_llm.nn.Transformer, got {type(model).__name__}.")
-    config = model.config
-    _check_llama_shaped(config)
-    scaling, max_pos = _hf_rope_scaling(config)
-    kwargs: dict[str, Any] = dict(
+
+def _common_hf_kwargs(config: TransformerConfig) -> dict[str, Any]:
+    return dict(
         vocab_size=config.vocab_size,
+        initializer_range=config.init_std,
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def _fuse_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`_split_fused_per_head`: q, k, v ``(H*D, ...)`` -> ``(H*3*D, ...)`` ordered ``(H, 3, D)``."""
+    rest = q.shape[1:]
+    parts = [t.reshape(n_head, head_dim, *rest) for t in (q, k, v)]  # 3 x (H, D, ...)
+    return torch.stack(parts, dim=1).reshape(n_head * 3 * head_dim, *rest)  # (H*3*D, ...)
+
+
+def _bias_of(src: dict[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
+    """``name.bias``, or zeros when the model has no biases (exact: a zero bias adds nothing)."""
+    bias = src.get(f"{name}.bias")
+    return bias if bias is not None else torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
+
+
+def _llama_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
+    scaling, max_pos = _hf_rope_scaling(config)
+    kwargs = dict(
+        _common_hf_kwargs(config),
         hidden_size=config.n_embd,
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.n_layer,
@@ -583,18 +659,8 @@ def to_hf(model: Transformer, **hf_config_kwargs: Any):
         attention_bias=config.bias,
         mlp_bias=config.bias,
         attention_dropout=config.dropout,
-        tie_word_embeddings=config.tie_embeddings,
-        initializer_range=config.init_std,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
-    kwargs.update(hf_config_kwargs)
-    hf_config = transformers.LlamaConfig(**kwargs)
-    hf_config.architectures = ["LlamaForCausalLM"]
-
-    v, h, g, d = config.vocab_size, config.n_head, config.n_kv_head, config.head_dim
-    src = model.state_dict()
+    v, h, g = config.vocab_size, config.n_head, config.n_kv_head
     state: dict[str, torch.Tensor] = {"model.embed_tokens.weight": src["wte.weight"][:v]}
     for i in range(config.n_layer):
         p, q = f"blocks.{i}", f"model.layers.{i}"
@@ -604,35 +670,235 @@ def to_hf(model: Transformer, **hf_config_kwargs: Any):
             for name in names:
                 for kind in ("weight", "bias") if config.bias else ("weight",):
                     t = src[f"{p}.{part}.{name}.{kind}"]
-                    if config.rope_layout == "interleaved" and name in ("q_proj", "k_proj"):
-                        t = _interleaved_to_half(t, h if name == "q_proj" else g, d)
+                    if name in ("q_proj", "k_proj"):
+                        t = _to_half_layout(t, config, h if name == "q_proj" else g)
                     state[f"{q}.{hf_part}.{name}.{kind}"] = t
     state["model.norm.weight"] = src["norm_f.weight"]
     state["lm_head.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+    return "LlamaForCausalLM", kwargs, state
 
+
+_HF_GELU = {"none": "gelu", "tanh": "gelu_new"}
+
+
+def _fused_layers_out(
+    config: TransformerConfig, src: dict[str, torch.Tensor], prefix: str, attn: str
+) -> dict[str, torch.Tensor]:
+    """GPT-NeoX / BLOOM decoder layers: per-head fused qkv, ``dense``, ``dense_h_to_4h`` / ``dense_4h_to_h``."""
+    h, d, state = config.n_head, config.head_dim, {}
+    for i in range(config.n_layer):
+        p, q = f"blocks.{i}", f"{prefix}.{i}"
+        for ours, theirs in (("norm_1", "input_layernorm"), ("norm_2", "post_attention_layernorm")):
+            state[f"{q}.{theirs}.weight"] = src[f"{p}.{ours}.weight"]
+            state[f"{q}.{theirs}.bias"] = src[f"{p}.{ours}.bias"]
+        ws = [
+            _to_half_layout(src[f"{p}.attn.{n}.weight"], config, h) if n != "v_proj" else src[f"{p}.attn.{n}.weight"]
+            for n in ("q_proj", "k_proj", "v_proj")
+        ]
+        bs = [_bias_of(src, f"{p}.attn.{n}", w) for n, w in zip(("q_proj", "k_proj", "v_proj"), ws, strict=True)]
+        bs = [
+            _to_half_layout(b, config, h) if n != "v_proj" else b
+            for n, b in zip(("q_proj", "k_proj", "v_proj"), bs, strict=True)
+        ]
+        state[f"{q}.{attn}.query_key_value.weight"] = _fuse_per_head(*ws, h, d)
+        state[f"{q}.{attn}.query_key_value.bias"] = _fuse_per_head(*bs, h, d)
+        for ours, theirs in (
+            ("attn.o_proj", f"{attn}.dense"),
+            ("mlp.up_proj", "mlp.dense_h_to_4h"),
+            ("mlp.down_proj", "mlp.dense_4h_to_h"),
+        ):
+            w = src[f"{p}.{ours}.weight"]
+            state[f"{q}.{theirs}.weight"] = w
+            state[f"{q}.{theirs}.bias"] = _bias_of(src, f"{p}.{ours}", w)
+    return state
+
+
+def _neox_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
+    kwargs = dict(
+        _common_hf_kwargs(config),
+        hidden_size=config.n_embd,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        hidden_act=_HF_GELU[config.gelu_approximate],
+        max_position_embeddings=config.block_size,
+        layer_norm_eps=config.norm_eps,
+        use_parallel_residual=config.parallel_residual,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": config.rope_base,
+            "partial_rotary_factor": config.partial_rotary_factor,
+        },
+        attention_bias=True,
+        attention_dropout=config.dropout,
+        hidden_dropout=config.dropout,
+    )
+    v = config.vocab_size
+    state = {"gpt_neox.embed_in.weight": src["wte.weight"][:v]}
+    state.update(_fused_layers_out(config, src, "gpt_neox.layers", "attention"))
+    state["gpt_neox.final_layer_norm.weight"] = src["norm_f.weight"]
+    state["gpt_neox.final_layer_norm.bias"] = src["norm_f.bias"]
+    state["embed_out.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+    return "GPTNeoXForCausalLM", kwargs, state
+
+
+def _bloom_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
+    kwargs = dict(
+        _common_hf_kwargs(config),
+        hidden_size=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        layer_norm_epsilon=config.norm_eps,
+        hidden_dropout=config.dropout,
+        attention_dropout=config.dropout,
+        seq_length=config.block_size,  # BLOOM has no position table; from_hf reads the context length back from it
+    )
+    v = config.vocab_size
+    state = {"transformer.word_embeddings.weight": src["wte.weight"][:v]}
+    state["transformer.word_embeddings_layernorm.weight"] = src["emb_norm.weight"]
+    state["transformer.word_embeddings_layernorm.bias"] = src["emb_norm.bias"]
+    state.update(_fused_layers_out(config, src, "transformer.h", "self_attention"))
+    state["transformer.ln_f.weight"] = src["norm_f.weight"]
+    state["transformer.ln_f.bias"] = src["norm_f.bias"]
+    state["lm_head.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+    return "BloomForCausalLM", kwargs, state
+
+
+def _gpt2_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
+    kwargs = dict(
+        _common_hf_kwargs(config),
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=config.intermediate_size,
+        activation_function=_HF_GELU[config.gelu_approximate],
+        layer_norm_epsilon=config.norm_eps,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+    )
+    v = config.vocab_size
+    state = {"transformer.wte.weight": src["wte.weight"][:v], "transformer.wpe.weight": src["wpe.weight"]}
+    for i in range(config.n_layer):
+        p, q = f"blocks.{i}", f"transformer.h.{i}"
+        for ours, theirs in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
+            state[f"{q}.{theirs}.weight"] = src[f"{p}.{ours}.weight"]
+            state[f"{q}.{theirs}.bias"] = src[f"{p}.{ours}.bias"]
+        ws = [src[f"{p}.attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]
+        bs = [_bias_of(src, f"{p}.attn.{n}", w) for n, w in zip(("q_proj", "k_proj", "v_proj"), ws, strict=True)]
+        # Conv1D stores (in, out): the transpose of our Linear weight; c_attn is [q; k; v] along the output axis
+        state[f"{q}.attn.c_attn.weight"] = torch.cat(ws, dim=0).t()
+        state[f"{q}.attn.c_attn.bias"] = torch.cat(bs)
+        for ours, theirs in (
+            ("attn.o_proj", "attn.c_proj"),
+            ("mlp.up_proj", "mlp.c_fc"),
+            ("mlp.down_proj", "mlp.c_proj"),
+        ):
+            w = src[f"{p}.{ours}.weight"]
+            state[f"{q}.{theirs}.weight"] = w.t()
+            state[f"{q}.{theirs}.bias"] = _bias_of(src, f"{p}.{ours}", w)
+    state["transformer.ln_f.weight"] = src["norm_f.weight"]
+    state["transformer.ln_f.bias"] = src["norm_f.bias"]
+    state["lm_head.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+    return "GPT2LMHeadModel", kwargs, state
+
+
+_TO_HF: dict[str, Callable[[TransformerConfig, dict[str, torch.Tensor]], tuple[str, dict, dict]]] = {
+    "llama": _llama_out,
+    "gpt_neox": _neox_out,
+    "bloom": _bloom_out,
+    "gpt2": _gpt2_out,
+}
+
+
+def to_hf(model: Transformer, **hf_config_kwargs: Any):
+    """Convert a :class:`Transformer` into the Hugging Face causal LM that represents it, with the same logits.
+
+    The architecture is chosen by :func:`hf_architecture`:
+
+    * ``LlamaForCausalLM``: RoPE over the whole head, RMSNorm, SwiGLU, sequential residual (grouped-query heads, rope
+      scaling, projection biases as ``attention_bias=mlp_bias=True``);
+    * ``GPTNeoXForCausalLM``: RoPE (partial rotary allowed), LayerNorm, GELU, sequential or parallel residual;
+    * ``BloomForCausalLM``: ALiBi, embedding LayerNorm, tanh GELU, MLP width 4 C;
+    * ``GPT2LMHeadModel``: learned positions, LayerNorm, GELU.
+
+    An interleaved RoPE layout is permuted into Hugging Face's half layout; a model without biases gets zero biases
+    where the Hugging Face architecture always has them (exact); a padded vocabulary is cut back to ``vocab_size``.
+
+    Args:
+        model: the model to convert.
+        **hf_config_kwargs: extra config arguments (``bos_token_id``, ``eos_token_id``, ``pad_token_id``,
+            ``attn_implementation``, ...); token ids default to None.
+
+    Returns:
+        The Hugging Face model on the model's device and dtype, in the model's train/eval mode.
+
+    Raises:
+        ValueError: an architecture Hugging Face cannot represent (see :func:`hf_architecture`).
+    """
+    transformers = _require_transformers()
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    if not isinstance(model, Transformer):
+        raise TypeError(f"to_hf: model must be a lightning_llm.nn.Transformer, got {type(model).__name__}.")
+    from lightning_llm.nn.lora import has_lora
+
+    if has_lora(model):
+        raise ValueError(
+            "to_hf: the model holds LoRA adapters; merge them first (lightning_llm.nn.lora.merge_lora) or export the "
+            "base and the adapters separately (lightning-llm export of the LoRA checkpoint)."
+        )
+    config = model.config
+    arch = hf_architecture(config)
+    src = model.state_dict()
+    class_name, kwargs, state = _TO_HF[arch](config, src)
+    kwargs.update(hf_config_kwargs)
+    config_cls = {"llama": "LlamaConfig", "gpt_neox": "GPTNeoXConfig", "bloom": "BloomConfig", "gpt2": "GPT2Config"}
+    hf_config = getattr(transformers, config_cls[arch])(**kwargs)
+    hf_config.architectures = [class_name]
     param = model.wte.weight
-    hf = transformers.LlamaForCausalLM(hf_config).to(device=param.device, dtype=param.dtype)
+    hf = getattr(transformers, class_name)(hf_config).to(device=param.device, dtype=param.dtype)
+    own = hf.state_dict()
+    if "embed_out.weight" in state and "embed_out.weight" not in own:  # GPT-NeoX's head is `lm_head` in 5.x
+        state["lm_head.weight"] = state.pop("embed_out.weight")
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    params = dict(hf.named_parameters(remove_duplicate=False))
+    missing = [k for k in missing if k in params and not (config.tie_embeddings and k in _TIED_HEADS)]
     if missing or unexpected:  # pragma: no cover - a transformers layout change
-        raise RuntimeError(f"to_hf: LlamaForCausalLM layout mismatch: missing {missing}, unexpected {unexpected}.")
+        raise RuntimeError(f"to_hf: {class_name} layout mismatch: missing {missing}, unexpected {unexpected}.")
     if config.tie_embeddings:
         hf.tie_weights()
     return hf.train(model.training)
 
 
-def _save_tokenizer(tokenizer: Any, directory: Path) -> Any:
+_TIED_HEADS = ("lm_head.weight", "embed_out.weight")
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path, chat_template: str | None = None) -> Any:
+    """Save ``tokenizer`` as a Hugging Face tokenizer; ``chat_template`` (else, for a tokenizer without one, this
+    project's :data:`~lightning_llm.data.preference.DEFAULT_CHAT_TEMPLATE`) goes into its config."""
     if hasattr(tokenizer, "save_pretrained"):
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
         tokenizer.save_pretrained(directory)
         return tokenizer
     try:
         from tokenizers import Tokenizer
     except ImportError:  # pragma: no cover
         Tokenizer = ()  # noqa: N806
+    special: dict[str, str] = {}
+    if hasattr(tokenizer, "backend") and hasattr(tokenizer, "special_ids"):  # our lightning_llm Tokenizer
+        for name, token_id in tokenizer.special_ids.items():  # eos_id / bos_id / pad_id -> eos_token ...
+            if token_id is not None:
+                special[name.replace("_id", "_token")] = tokenizer.backend.id_to_token(token_id)
+        tokenizer = tokenizer.backend
     if isinstance(tokenizer, Tokenizer):
         from transformers import PreTrainedTokenizerFast
 
-        wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+        from lightning_llm.data.preference import DEFAULT_CHAT_TEMPLATE
+
+        wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+        wrapped.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE  # how our data modules render conversations
         wrapped.save_pretrained(directory)
         return wrapped
     raise TypeError(
@@ -641,18 +907,27 @@ def _save_tokenizer(tokenizer: Any, directory: Path) -> Any:
     )
 
 
-def save_hf(model: Transformer, directory: str | os.PathLike, tokenizer: Any = None, **hf_config_kwargs: Any) -> Path:
+def save_hf(
+    model: Transformer,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
+    **hf_config_kwargs: Any,
+) -> Path:
     """Write a Hugging Face checkpoint directory (``config.json``, weights, optional tokenizer) for ``model``.
 
     The directory loads back with ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` (and
     ``AutoTokenizer.from_pretrained`` when a tokenizer was given), or with :func:`from_hf`.
 
     Args:
-        model: a Llama-shaped :class:`Transformer` (see :func:`to_hf`).
+        model: a :class:`Transformer` Hugging Face can represent (see :func:`to_hf`).
         directory: output directory (created if needed).
-        tokenizer: optional Hugging Face tokenizer or ``tokenizers.Tokenizer`` to save beside the weights; its
+        tokenizer: optional Hugging Face tokenizer, ``tokenizers.Tokenizer`` or our
+            :class:`~lightning_llm.data.Tokenizer` to save beside the weights; its
             bos/eos/pad ids go into the config unless given in ``hf_config_kwargs``.
-        **hf_config_kwargs: extra ``LlamaConfig`` arguments, as for :func:`to_hf`.
+        chat_template: a Jinja chat template to store with the tokenizer (default: the tokenizer's own; for this
+            project's tokenizers, :data:`~lightning_llm.data.preference.DEFAULT_CHAT_TEMPLATE`).
+        **hf_config_kwargs: extra config arguments, as for :func:`to_hf`.
 
     Returns:
         The directory as a :class:`~pathlib.Path`.
@@ -660,11 +935,87 @@ def save_hf(model: Transformer, directory: str | os.PathLike, tokenizer: Any = N
     _require_transformers()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    saved_tokenizer = _save_tokenizer(tokenizer, directory) if tokenizer is not None else None
+    saved_tokenizer = _save_tokenizer(tokenizer, directory, chat_template) if tokenizer is not None else None
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(saved_tokenizer, key, None)
         if value is not None:
             hf_config_kwargs.setdefault(key, value)
     hf = to_hf(model, **hf_config_kwargs)
     hf.save_pretrained(directory)
+    return directory
+
+
+# ======================================================================================================== LoRA adapters
+def _lora_layout(model: Transformer) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``(LoraConfig kwargs, {our module name: (A (r, in), B (out, r))})`` of the peft LoRA layers in ``model``."""
+    from lightning_llm.nn.lora import lora_layers
+
+    names = {id(m): n for n, m in model.named_modules()}
+    adapters, settings = {}, []
+    for layer in lora_layers(model):
+        r, alpha = layer.r["default"], layer.lora_alpha["default"]
+        drop = layer.lora_dropout["default"]
+        rslora = math.isclose(layer.scaling["default"], alpha / math.sqrt(r)) and r != 1
+        settings.append((r, alpha, getattr(drop, "p", 0.0), rslora))
+        adapters[names[id(layer)]] = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    if len(set(settings)) != 1:
+        raise ValueError(
+            f"save_lora_adapter: the adapters differ in (r, alpha, dropout, rslora): {sorted(set(settings))}."
+        )
+    r, alpha, dropout, rslora = settings[0]
+    targets = sorted({n.rsplit(".", 1)[-1] for n in adapters})
+    return dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, target_modules=targets), adapters
+
+
+def base_of_lora(model: Transformer) -> Transformer:
+    """A new :class:`Transformer` holding the base weights of a LoRA model (adapters dropped, not merged)."""
+    state = {
+        k.replace(".base_layer.", "."): v.detach().clone()
+        for k, v in model.state_dict().items()
+        if ".lora_A." not in k and ".lora_B." not in k and "lora_embedding" not in k
+    }
+    return _materialise(model.config, state)
+
+
+def save_lora_adapter(
+    model: Transformer, directory: str | os.PathLike, tokenizer: Any = None, chat_template: str | None = None
+) -> Path:
+    """Write the base of a LoRA model as a Hugging Face model in ``directory`` and its adapters as a ``peft`` adapter
+    in ``directory/adapter``: ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(directory),
+    directory/adapter)`` computes what ``model`` does.
+
+    The adapters are written by ``peft`` itself (``get_peft_model`` on the exported base, the weights copied in,
+    ``save_pretrained``). Llama-shaped models only: GPT-NeoX, BLOOM and GPT-2 fuse q/k/v into one layer, which our
+    separate q/k/v adapters do not map onto; merge the adapters instead (``export --merge true``).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    directory = Path(directory)
+    base = base_of_lora(model)
+    if hf_architecture(base.config) != "llama":
+        raise ValueError(
+            f"save_lora_adapter: adapters export onto Llama-shaped bases only; this base is "
+            f"{hf_architecture(base.config)!r}, whose fused q/k/v layer has no separate q_proj/k_proj/v_proj. Export "
+            "with the adapters merged (lightning-llm export --merge true)."
+        )
+    save_hf(base, directory, tokenizer=tokenizer, chat_template=chat_template)
+    kwargs, adapters = _lora_layout(model)
+    hf = to_hf(base)
+    peft_model = get_peft_model(hf, LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    config = base.config
+    hf_modules = dict(peft_model.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in adapters.items():
+            parts = name.split(".")
+            if parts[0] == "blocks":  # blocks.{i}.{attn|mlp}.{proj}
+                part = "self_attn" if parts[2] == "attn" else "mlp"
+                hf_name = f"base_model.model.model.layers.{parts[1]}.{part}.{parts[3]}"
+            else:  # lm_head
+                hf_name = f"base_model.model.{name}"
+            if parts[-1] in ("q_proj", "k_proj"):
+                b = _to_half_layout(b, config, config.n_head if parts[-1] == "q_proj" else config.n_kv_head)
+            target = hf_modules[hf_name]
+            target.lora_A["default"].weight.copy_(a)
+            target.lora_B["default"].weight.copy_(b)
+    peft_model.save_pretrained(directory / "adapter")
     return directory

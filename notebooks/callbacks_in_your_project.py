@@ -140,6 +140,10 @@ with open(Path(logger.log_dir) / "metrics.csv") as f:
     rows = list(csv.DictReader(f))
 keys = sorted({k for r in rows for k, v in r.items() if v})
 print("\n".join(k for k in keys if "/" in k))
+# the point of this notebook: every callback logged from a module it never saw
+expected = {"subset/key_subset/loss", "val/ppl_monitor", "calibration/ece", "calibration/ece_10_bin",
+            "throughput/tokens_per_sec", "throughput/mfu", "embedding/anisotropy", "embedding/isotropy"}  # fmt: skip
+assert expected <= set(keys), sorted(expected - set(keys))
 
 # %%
 print("embedding neighbours:\n" + callbacks[4].last_neighbours)
@@ -160,4 +164,6 @@ with torch.no_grad():
         conf, pred = logp.exp().max(-1)
         cal.update(conf.flatten(), (pred == target).flatten())
 print(f"perplexity {float(ppl.compute()):.1f}")
+if len(DataLoader(val_set, batch_size=16)) <= 4:  # the monitor saw the same batches (limit_val_batches=4)
+    assert abs(float(ppl.compute()) - callbacks[1].last["ppl"]) < 1e-3 * callbacks[1].last["ppl"]
 {k: round(float(v), 4) for k, v in cal.compute().items()}

@@ -34,6 +34,7 @@ from lightning_llm.config import TransformerConfig
 from lightning_llm.data.prompts import PromptDataModule
 from lightning_llm.data.synthetic import TargetCharReward
 from lightning_llm.modules.ppo import PPO
+from lightning_llm.rlhf import RANDOM_WALK_TRUE_VALUES, random_walk_td0
 
 FAST = os.environ.get("LLM_NOTEBOOK_FAST") == "1"
 ROOT = Path(tempfile.mkdtemp(prefix="ppo_walkthrough_"))
@@ -85,5 +86,39 @@ for ax, (key, values) in zip(axes, series.items()):
     ax.plot(steps, values, marker=".")
     ax.set_title(key)
     ax.set_xlabel("step")
+fig.tight_layout()
+display(fig)
+
+# %% [markdown]
+# ## The bootstrapped update underneath: TD(0) on Sutton and Barto's random walk
+#
+# GAE (`lightning_llm.rlhf.gae`) and the value loss are built on temporal-difference learning. Its simplest form,
+# TD(0), moves the value of a state towards the reward plus the discounted value of the next state:
+#
+# $$V(s) \leftarrow V(s) + \alpha\,[\,r + \gamma V(s') - V(s)\,]$$
+#
+# `lightning_llm.rlhf.td0_update_` is that update for a table of values, `td0_targets` the same target for a value
+# network (`r + gamma V(s')`, held fixed), which is GAE's return with `lam = 0`. The classic check (Sutton and Barto,
+# Example 6.2): five states A..E in a row, start in C, step left or right with probability 1/2, reward 1 only on
+# leaving E to the right. The true values are 1/6, 2/6, ..., 5/6, and TD(0) from 0.5 everywhere converges to them.
+
+# %%
+EPISODES = 200 if FAST else 500
+curves = {alpha: random_walk_td0(num_episodes=EPISODES, alpha=alpha, seed=0) for alpha in (0.15, 0.1, 0.05)}
+values, rms = curves[0.05]
+print("state  true   TD(0) after", EPISODES, "episodes (alpha 0.05)")
+for name, true, v in zip("ABCDE", RANDOM_WALK_TRUE_VALUES.tolist(), values.tolist()):
+    print(f"  {name}    {true:.3f}  {v:.3f}")
+late = sum(rms[-50:]) / 50
+print(f"RMS error: {rms[0]:.3f} after the first episode -> {late:.3f} (mean of the last 50)")
+assert late < 0.06 and (values[1:] > values[:-1]).all(), "TD(0) should converge to the true values"
+
+fig = Figure(figsize=(5, 3))
+ax = fig.subplots()
+for alpha, (_, err) in curves.items():
+    ax.plot(err, label=f"alpha = {alpha}")
+ax.set_xlabel("episode")
+ax.set_ylabel("RMS error vs true values")
+ax.legend()
 fig.tight_layout()
 display(fig)

@@ -170,3 +170,30 @@ def test_flops_per_token_formula() -> None:
         model = Transformer(cfg)
     n = sum(p.numel() for p in model.parameters())  # tied: the shared table is counted once, as the output head
     assert cfg.flops_per_token(16) == 6 * n + 12 * 2 * 4 * 8 * 16
+
+
+@pytest.mark.parametrize(
+    "bad, field, received",
+    [
+        ({"n_head": 5}, "n_head", "5"),
+        ({"n_embd": 0}, "n_embd", "0"),
+        ({"vocab_size": "32"}, "vocab_size", "'32'"),
+        ({"n_kv_head": 3}, "n_kv_head", "3"),
+        ({"pos_encoding": "rotary"}, "pos_encoding", "'rotary'"),
+        ({"norm": "batchnorm"}, "norm", "'batchnorm'"),
+        ({"partial_rotary_factor": 0.0}, "partial_rotary_factor", "0.0"),
+        ({"pos_encoding": "sinusoidal", "n_embd": 15, "n_head": 5}, "n_embd", "15"),
+        ({"rope_scaling": {"type": "linear", "factor": 0.5}}, "rope_scaling", "0.5"),
+        ({"dropout": 1.0}, "dropout", "1.0"),
+        ({"padded_vocab_size": 16}, "padded_vocab_size", "16"),
+    ],
+)
+def test_every_config_error_is_one_line_naming_field_value_and_fix(bad, field, received) -> None:
+    """The CLI prints only the message's line: it must carry the field, the received value and what to do."""
+    with pytest.raises(ValueError) as err:
+        tiny(**bad)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"TransformerConfig.{field}" in message
+    assert received in message
+    assert ";" in message or " or " in message  # a remedy follows the diagnosis

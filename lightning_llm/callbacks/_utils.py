@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from lightning_llm.ops import IGNORE_INDEX
+
 BatchFn = Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]]
 ForwardFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
@@ -98,15 +99,6 @@ def iter_batches(batches: Iterable[Any], device: torch.device, max_batches: int 
         if max_batches is not None and i >= max_batches:
             return
         yield move_to(batch, device)
-
-
-def flat_scored(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logits (B*T, V) float32, targets (B*T,), valid (B*T,) bool)``: flattened, ``valid`` marks scored tokens."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
-    tgt = targets.reshape(-1)  # (B*T,)
-    return flat, tgt, tgt != ignore_index
 
 
 @contextmanager
@@ -192,3 +184,113 @@ def log_figure(trainer: Any, key: str, figure: Any, step: int) -> str | None:
     os.makedirs(path.parent, exist_ok=True)
     figure.savefig(path, dpi=100)
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------- data from YAML
+#: local files a dataset argument may name (anything else that is not "embedded" is a Hugging Face dataset name)
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
+
+
+def check_dataset(arg: str, value: str | None) -> None:
+    """Fail at construction when ``value`` names a local file that does not exist (not after an hour of training).
+
+    ``value`` is ``"embedded"`` (the packaged corpus), a local ``.txt``/``.md`` (paragraphs split at blank lines) or
+    ``.jsonl``/``.json`` file (a ``"text"`` field per line), or a Hugging Face dataset name."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"`{arg}` must be 'embedded', a local file path or a dataset name, got {value!r}.")
+    if value == "embedded":
+        return
+    path = Path(value).expanduser()
+    looks_local = value.endswith(TEXT_SUFFIXES) or value.startswith((".", "/", "~"))
+    if looks_local and not path.is_file():
+        raise FileNotFoundError(
+            f"`{arg}`={value!r} does not exist. Expected 'embedded' (the packaged corpus), an existing local "
+            f"{'/'.join(TEXT_SUFFIXES)} file, or a Hugging Face dataset name; check the path (relative paths are read "
+            f"from the working directory {os.getcwd()!r})."
+        )
+
+
+def load_texts(dataset: str, split: str = "val", text_field: str = "text", max_docs: int | None = None) -> list[str]:
+    """The documents of ``dataset`` (see :func:`check_dataset`); ``split`` selects the embedded/HF split."""
+    check_dataset("dataset", dataset)
+    if dataset == "embedded":
+        from lightning_llm.evaluation.tasks import embedded_texts
+
+        texts = embedded_texts(split)
+    else:
+        path = Path(dataset).expanduser()
+        if path.is_file() and path.suffix in (".jsonl", ".json"):
+            import json
+
+            with path.open(encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            missing = [i for i, r in enumerate(rows) if text_field not in r]
+            if missing:
+                raise ValueError(f"{dataset}: line {missing[0] + 1} has no {text_field!r} field; set `text_field`.")
+            texts = [str(r[text_field]) for r in rows]
+        elif path.is_file():
+            texts = path.read_text(encoding="utf-8").split("\n\n")
+        else:
+            import datasets
+
+            texts = list(datasets.load_dataset(dataset, split=split)[text_field])
+    texts = [t for t in texts if t and t.strip()][:max_docs]
+    if not texts:
+        raise ValueError(f"`dataset`={dataset!r} (split {split!r}) holds no non-empty text.")
+    return texts
+
+
+def lm_batches(
+    texts: list[str], tokenizer: Any, seq_len: int, batch_size: int, max_batches: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Next-token batches ``{"input_ids", "targets"}`` ``(B, seq_len)`` cut from the packed stream of ``texts``
+    (documents joined by EOS), as many as the text allows (at most ``max_batches``)."""
+    ids = [i for t in texts for i in [*tokenizer.encode(t), tokenizer.eos_id]]
+    stream = torch.tensor(ids, dtype=torch.long)
+    n_rows = (stream.numel() - 1) // seq_len
+    if n_rows < 1:
+        raise ValueError(
+            f"the monitoring text has {stream.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; lower "
+            "`seq_len` or pass more text."
+        )
+    if max_batches is not None:
+        n_rows = min(n_rows, max_batches * batch_size)
+    x = stream[: n_rows * seq_len].view(n_rows, seq_len)  # (N, T)
+    y = stream[1 : n_rows * seq_len + 1].view(n_rows, seq_len)  # (N, T)
+    return [
+        {"input_ids": x[s : s + batch_size], "targets": y[s : s + batch_size]} for s in range(0, n_rows, batch_size)
+    ]
+
+
+def resolve_tokenizer(tokenizer: Any, trainer: Any, pl_module: Any, who: str) -> Any:
+    """The tokenizer a callback uses: ``tokenizer`` (an object, or a path loaded with ``Tokenizer.from_pretrained``),
+    else the LightningModule's ``tokenizer``, else the trainer's datamodule's ``tokenizer``."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    if tokenizer is not None:
+        from lightning_llm.data.tokenizer import Tokenizer
+
+        return Tokenizer.from_pretrained(tokenizer)
+    found = getattr(pl_module, "tokenizer", None)
+    if found is None:
+        dm = getattr(trainer, "datamodule", None)
+        try:
+            found = getattr(dm, "tokenizer", None) if dm is not None else None
+        except Exception:  # noqa: BLE001 - a datamodule whose tokenizer property cannot be built yet
+            found = None
+    if found is None:
+        raise ValueError(
+            f"{who} needs a tokenizer: pass `tokenizer=` (an object or a tokenizer directory), or train with a "
+            "LightningModule or a datamodule that has a `tokenizer` attribute (lightning_llm's do)."
+        )
+    return found
+
+
+def model_max_length(pl_module: Any) -> int | None:
+    """The module's position limit (learned position table), else None."""
+    cfg = getattr(pl_module, "config", None) or getattr(getattr(pl_module, "model", None), "config", None)
+    if cfg is not None and getattr(cfg, "pos_encoding", None) == "learned":
+        return int(cfg.block_size)
+    return None

@@ -5,7 +5,9 @@ Two sources of (confidence, correct) pairs:
 * **tokens** (default): each scored validation token gives ``confidence = max softmax probability`` and
   ``correct = [argmax == target]``; an extra forward pass per validation batch through ``batch_fn``;
 * **multiple choice**: with ``examples`` (``MultipleChoiceExample``) and a ``tokenizer``, each item is scored per
-  choice at every validation end and HELM's confidence (max softmax over the choices) is used.
+  choice at every validation end and HELM's confidence (max softmax over the choices) is used. From YAML, name them
+  with ``dataset`` (``"embedded"``: the packaged sentence-ending task; or a local .jsonl of
+  ``{question, choices, answer}``) and ``limit``; the tokenizer defaults to the module's or the datamodule's.
 
 Logged at each validation end: ``<prefix>/ece`` (equal-width bins, as torchmetrics' ``CalibrationError``),
 ``<prefix>/ece_10_bin`` and ``<prefix>/ece_1_bin`` (HELM's equal-mass ECE and ``|mean conf - acc|``, on at most
@@ -22,15 +24,16 @@ import lightning as L
 import torch
 
 from lightning_llm.callbacks._utils import (
-    IGNORE_INDEX,
     BatchFn,
     ForwardFn,
+    check_dataset,
     default_batch_fn,
     default_forward_fn,
     eval_mode,
-    flat_scored,
     log_figure,
+    resolve_tokenizer,
 )
+from lightning_llm.ops import IGNORE_INDEX, token_logprobs
 
 
 class CalibrationMonitor(L.Callback):
@@ -45,7 +48,9 @@ class CalibrationMonitor(L.Callback):
         max_instances: instances kept per epoch for HELM's ECE and the diagram (random subsample, seeded).
         prefix: log-key prefix.
         log_diagram: log the reliability diagram.
-        seed: subsampling seed.
+        seed: subsampling seed (and the embedded task's).
+        dataset: multiple-choice items by name instead of ``examples``: "embedded" or a local .jsonl.
+        limit: items of ``dataset``.
 
     Attributes:
         last: the last logged values; ``last_figure_path`` where the last diagram went.
@@ -63,9 +68,15 @@ class CalibrationMonitor(L.Callback):
         log_diagram: bool = True,
         seed: int = 0,
         ignore_index: int = IGNORE_INDEX,
+        dataset: str | None = None,
+        limit: int = 100,
     ) -> None:
         if examples is not None and tokenizer is None:
             raise ValueError("`examples` (multiple choice) need the model's `tokenizer` to encode the choices.")
+        if examples is not None and dataset is not None:
+            raise ValueError("Give `examples` (objects) or `dataset` (by name), not both.")
+        check_dataset("dataset", dataset)
+        self.dataset, self.limit = dataset, limit
         self.batch_fn = batch_fn or default_batch_fn
         self.examples = list(examples) if examples is not None else None
         self.tokenizer = tokenizer
@@ -86,25 +97,28 @@ class CalibrationMonitor(L.Callback):
 
     @torch.no_grad()
     def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args: Any, **kwargs: Any
     ) -> None:
-        if self.examples is not None or trainer.sanity_checking:
+        if self.examples is not None or self.dataset is not None or trainer.sanity_checking:
             return
-        logits, targets = self.batch_fn(pl_module, batch)
-        flat, tgt, valid = flat_scored(logits, targets, self.ignore_index)  # (B*T, V), (B*T,), (B*T,)
-        probs = flat[valid].softmax(-1)
-        conf, pred = probs.max(-1)
-        self._conf.append(conf.double().cpu())
-        self._corr.append((pred == tgt[valid]).long().cpu())
+        logits, targets = self.batch_fn(pl_module, batch)  # (B, T, V), (B, T)
+        valid = targets.to(logits.device) != self.ignore_index  # (B, T)
+        pred = logits.argmax(-1)  # (B, T)
+        conf = token_logprobs(logits, torch.where(valid, pred, IGNORE_INDEX)).exp()  # max softmax probability
+        self._conf.append(conf[valid].double().cpu())
+        self._corr.append((pred == targets.to(pred.device))[valid].long().cpu())
 
     def _multiple_choice(self, pl_module: L.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+        from lightning_llm.evaluation import tasks
         from lightning_llm.evaluation.tasks import evaluate_multiple_choice
+
+        if self.examples is None:  # named dataset: read once
+            if self.dataset == "embedded":
+                self.examples = tasks.embedded_multiple_choice(self.limit, seed=self.seed)
+            else:
+                self.examples = tasks.load_multiple_choice(self.dataset, limit=self.limit)
+        if self.tokenizer is None or isinstance(self.tokenizer, str):
+            self.tokenizer = resolve_tokenizer(self.tokenizer, self._trainer, pl_module, "CalibrationMonitor")
 
         def logits(ids: torch.Tensor) -> torch.Tensor:
             return self.forward_fn(pl_module, ids.to(pl_module.device)).float().cpu()
@@ -116,7 +130,8 @@ class CalibrationMonitor(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if self.examples is not None:
+        if self.examples is not None or self.dataset is not None:
+            self._trainer = trainer
             conf, corr = self._multiple_choice(pl_module)
         elif self._conf:
             conf, corr = torch.cat(self._conf), torch.cat(self._corr)

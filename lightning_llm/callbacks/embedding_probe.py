@@ -8,7 +8,11 @@ For the embedding matrix ``E`` (V x C; found as ``get_input_embeddings()``, ``wt
 * ``isotropy`` = ``min_u Z(u) / max_u Z(u)`` with ``Z(u) = sum_v exp(u . e_v)`` over the eigenvectors ``u`` of
   ``E^T E`` taken with both signs (Mu & Viswanath 2018, "All-but-the-top"): 1 for a perfectly isotropic space, near 0 for a degenerate one;
 * nearest neighbours (cosine) of chosen tokens, logged as text (W&B / TensorBoard / MLflow, and
-  ``<log_dir>/embedding_probe.txt``).
+  ``<log_dir>/embedding_probe.txt``);
+* embeddings as knowledge (:mod:`lightning_llm.evaluation.embeddings`), with ``knowledge=True`` and a tokenizer (the
+  module's or the datamodule's by default): ``analogy_acc`` (3CosAdd on the embedded or a given analogy set) and
+  ``probe_acc`` (cross-validated logistic probe of a token property), each for ``static`` (input embedding) and
+  ``contextual`` (final hidden state) representations, beside ``analogy_chance`` and ``probe_chance``.
 
 Notation: V vocabulary rows, C width, P pairs, k neighbours.
 """
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_llm.callbacks._utils import check_every, is_due, log_text
+from lightning_llm.callbacks._utils import check_every, is_due, log_text, resolve_tokenizer
 
 
 def find_embedding(module: nn.Module) -> torch.Tensor:
@@ -97,6 +101,12 @@ class EmbeddingProbe(L.Callback):
         embedding_fn: ``module -> (V, C)`` weight, for models where the embedding is not found automatically.
         prefix: log-key prefix.
         seed: pair-sampling seed (the same pairs at every step, so the curve is comparable).
+        knowledge: also log analogy accuracy and the token-property probe (static and contextual).
+        analogies: "embedded" or a word2vec-format file ('a b c d' per line).
+        probe_property: the probed token property: starts_word, is_digit, is_alpha or is_upper.
+        probe_tokens: vocabulary tokens in the probe (a seeded sample).
+        multi_token: "mean" averages a word's token vectors; "error" treats multi-token words as out of vocabulary.
+        on_validation_end: also probe after every validation (``every_n_steps`` may then be None).
 
     Attributes:
         history: ``[(step, stats)]``; ``last_neighbours``: the last neighbour table as text.
@@ -104,7 +114,7 @@ class EmbeddingProbe(L.Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int | None = 500,
         tokens: Sequence[str | int] = (),
         tokenizer: Any = None,
         k: int = 5,
@@ -112,10 +122,24 @@ class EmbeddingProbe(L.Callback):
         embedding_fn: Callable[[nn.Module], torch.Tensor] | None = None,
         prefix: str = "embedding",
         seed: int = 0,
+        knowledge: bool = False,
+        analogies: str = "embedded",
+        probe_property: str = "starts_word",
+        probe_tokens: int = 1000,
+        multi_token: str = "mean",
+        on_validation_end: bool = False,
     ) -> None:
+        from lightning_llm.evaluation.embeddings import PROPERTIES, load_analogies
+
         check_every("every_n_steps", every_n_steps)
-        if any(isinstance(t, str) for t in tokens) and tokenizer is None:
-            raise ValueError("String `tokens` need a `tokenizer` to find their ids; pass tokenizer= or give ids.")
+        check_every("probe_tokens", probe_tokens)
+        if probe_property not in PROPERTIES:
+            raise ValueError(f"`probe_property` must be one of {sorted(PROPERTIES)}, got {probe_property!r}.")
+        if multi_token not in ("mean", "error"):
+            raise ValueError(f"`multi_token` must be 'mean' or 'error', got {multi_token!r}.")
+        self.analogies = None if analogies == "embedded" else load_analogies(analogies)  # a missing file fails here
+        self.knowledge, self.probe_property, self.on_val_end = knowledge, probe_property, on_validation_end
+        self.probe_tokens, self.multi_token = probe_tokens, multi_token
         self.every_n_steps = every_n_steps
         self.tokens = list(tokens)
         self.tokenizer = tokenizer
@@ -126,6 +150,11 @@ class EmbeddingProbe(L.Callback):
         self.seed = seed
         self.history: list[tuple[int, dict[str, float]]] = []
         self.last_neighbours = ""
+
+    def _tokenizer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        if self.tokenizer is None or isinstance(self.tokenizer, str):
+            self.tokenizer = resolve_tokenizer(self.tokenizer, trainer, pl_module, "EmbeddingProbe")
+        return self.tokenizer
 
     def _ids(self) -> list[int]:
         ids = []
@@ -151,8 +180,18 @@ class EmbeddingProbe(L.Callback):
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics({f"{self.prefix}/{k}": v for k, v in stats.items()}, step=step)
+        if self.knowledge:
+            from lightning_llm.evaluation.embeddings import probe_embeddings
+
+            know = probe_embeddings(pl_module, self._tokenizer(trainer, pl_module), weight, self.analogies,
+                                    self.probe_property, self.probe_tokens, self.multi_token, self.seed)  # fmt: skip
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{self.prefix}/{k}": v for k, v in know.items()}, step=step)
+            stats = {**stats, **know}
         self.history.append((step, stats))
         if self.tokens:
+            if any(isinstance(t, str) for t in self.tokens):
+                self._tokenizer(trainer, pl_module)
             ids = self._ids()
             rows = nearest_neighbours(weight, ids, self.k)
             lines = [
@@ -162,6 +201,11 @@ class EmbeddingProbe(L.Callback):
             self.last_neighbours = "\n".join(lines)
             log_text(trainer, f"{self.prefix}/neighbours", self.last_neighbours, step)
         return stats
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_val_end and not trainer.sanity_checking:
+            if not self.history or self.history[-1][0] != trainer.global_step:
+                self.probe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         if is_due(trainer.global_step, self.every_n_steps):

@@ -5,6 +5,10 @@ without gradients and logs ``<prefix>/<name>/loss`` (mean next-token cross-entro
 (top-1 next-token accuracy), all over the scored tokens (``targets != ignore_index``), so a regression on a key
 subset shows up while training, not at the end.
 
+From YAML, a subset may be named instead of given as an object: ``subsets: {prose: embedded, notes: data/notes.txt}``
+(``"embedded"`` is the packaged corpus's ``split``, a local .txt/.md/.jsonl file, or a Hugging Face dataset name), cut
+into ``max_batches`` batches of ``batch_size`` x ``seq_len`` tokens with the module's or the datamodule's tokenizer.
+
 Notation: B batch, T tokens, V vocabulary, N scored tokens of a subset.
 """
 
@@ -16,19 +20,21 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from lightning_llm.callbacks._utils import (
-    IGNORE_INDEX,
     BatchFn,
+    check_dataset,
     check_every,
     default_batch_fn,
     eval_mode,
-    flat_scored,
     is_due,
     iter_batches,
+    lm_batches,
+    load_texts,
     log_step_metrics,
+    resolve_tokenizer,
 )
+from lightning_llm.ops import IGNORE_INDEX, token_logprobs
 
 
 @torch.no_grad()
@@ -43,10 +49,11 @@ def subset_metrics(
     nll, hits, count = 0.0, 0, 0
     device = getattr(module, "device", torch.device("cpu"))
     for batch in iter_batches(batches, device, max_batches):
-        logits, targets = batch_fn(module, batch)
-        flat, tgt, valid = flat_scored(logits, targets, ignore_index)  # (B*T, V), (B*T,), (B*T,)
-        nll += float(F.cross_entropy(flat, tgt, ignore_index=ignore_index, reduction="sum").double())
-        hits += int((flat.argmax(-1)[valid] == tgt[valid]).sum())
+        logits, targets = batch_fn(module, batch)  # (B, T, V), (B, T)
+        targets = targets.to(logits.device)
+        valid = targets != ignore_index  # (B, T)
+        nll -= float(token_logprobs(logits, targets, ignore_index).sum(dtype=torch.float64))
+        hits += int((logits.argmax(-1) == targets)[valid].sum())
         count += int(valid.sum())
     if count == 0:
         raise ValueError("The subset has no scored token (all targets equal ignore_index, or no batch).")
@@ -58,12 +65,16 @@ class EvalSubsetMonitor(L.Callback):
 
     Args:
         subsets: ``{name: batches}``; batches are whatever ``batch_fn`` reads (default: dicts with ``input_ids`` and
-            ``targets``, or ``(inputs, targets)`` tuples).
+            ``targets``, or ``(inputs, targets)`` tuples); or ``{name: dataset}`` with a dataset name or path.
         every_n_steps: evaluation period in optimizer steps.
         batch_fn: ``(module, batch) -> (logits (B, T, V), targets (B, T))``.
         prefix: log-key prefix.
         max_batches: evaluate at most this many batches per subset.
         ignore_index: target value that is not scored.
+        split: split of named datasets ("val"/"test"/"train" for "embedded").
+        seq_len: tokens per row of named datasets.
+        batch_size: rows per batch of named datasets.
+        tokenizer: for named datasets: an object or a directory; default: the module's, else the datamodule's.
 
     Attributes:
         history: ``[(step, {name: metrics})]`` of every evaluation.
@@ -71,12 +82,16 @@ class EvalSubsetMonitor(L.Callback):
 
     def __init__(
         self,
-        subsets: Mapping[str, Iterable[Any]],
+        subsets: Mapping[str, Any],
         every_n_steps: int = 100,
         batch_fn: BatchFn | None = None,
         prefix: str = "subset",
         max_batches: int | None = None,
         ignore_index: int = IGNORE_INDEX,
+        split: str = "val",
+        seq_len: int = 128,
+        batch_size: int = 8,
+        tokenizer: Any = None,
     ) -> None:
         if not isinstance(subsets, Mapping) or not subsets:
             raise ValueError(
@@ -84,6 +99,12 @@ class EvalSubsetMonitor(L.Callback):
                 "e.g. {'code': code_loader, 'prose': prose_loader}."
             )
         check_every("every_n_steps", every_n_steps)
+        check_every("seq_len", seq_len)
+        check_every("batch_size", batch_size)
+        for name, value in subsets.items():
+            if isinstance(value, str):
+                check_dataset(f"subsets[{name!r}]", value)
+        self.split, self.seq_len, self.batch_size, self.tokenizer = split, seq_len, batch_size, tokenizer
         self.subsets = dict(subsets)
         self.every_n_steps = every_n_steps
         self.batch_fn = batch_fn or default_batch_fn
@@ -95,6 +116,11 @@ class EvalSubsetMonitor(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, dict[str, float]]:
         """Evaluate every subset now and log the metrics."""
+        for name, value in self.subsets.items():
+            if isinstance(value, str):  # a named dataset: built once
+                tok = resolve_tokenizer(self.tokenizer, trainer, pl_module, "EvalSubsetMonitor")
+                texts = load_texts(value, self.split)
+                self.subsets[name] = lm_batches(texts, tok, self.seq_len, self.batch_size, self.max_batches)
         with eval_mode(pl_module):
             results = {
                 name: subset_metrics(pl_module, batches, self.batch_fn, self.ignore_index, self.max_batches)

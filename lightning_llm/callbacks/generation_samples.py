@@ -4,7 +4,8 @@ Every ``every_n_steps`` steps each prompt is encoded, continued for ``max_new_to
 samples are logged as text (W&B table / TensorBoard text / MLflow artifact, and ``<log_dir>/samples.txt``). Decoding
 recomputes the full sequence at each step through ``forward_fn`` (works for any model; prompts are short), greedy by
 default or sampled with ``temperature`` / ``top_k`` from a generator seeded with ``seed``, so the same weights
-always give the same samples. Generation stops at ``eos_id``.
+always give the same samples. Generation stops at ``eos_id``. From YAML nothing is required: the prompts default to
+:data:`DEFAULT_PROMPTS` and the tokenizer to the module's or the datamodule's.
 
 Notation: P prompt tokens, N new tokens, V vocabulary.
 """
@@ -17,8 +18,20 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_llm.callbacks._utils import ForwardFn, check_every, default_forward_fn, eval_mode, is_due, log_text
-from lightning_llm.nn.generation import filter_logits
+from lightning_llm.callbacks._utils import (
+    ForwardFn,
+    check_every,
+    default_forward_fn,
+    eval_mode,
+    is_due,
+    log_text,
+    model_max_length,
+    resolve_tokenizer,
+)
+from lightning_llm.nn.generation import check_sampling, sample_next
+
+#: prompts used when none are given (the embedded corpus is Python's documentation)
+DEFAULT_PROMPTS = ("The Python interpreter", "A list is", "def main(")
 
 
 @torch.no_grad()
@@ -38,12 +51,8 @@ def sample_tokens(
     new: list[int] = []
     for _ in range(max_new_tokens):
         window = ids[-max_length:] if max_length else ids
-        logits = forward_fn(torch.tensor([window], device=device))[0, -1].float().cpu()  # (V,)
-        if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            logits = filter_logits(logits / temperature, top_k=top_k)
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        logits = forward_fn(torch.tensor([window], device=device))[:, -1].cpu()  # (1, V)
+        token = int(sample_next(logits, temperature, top_k, None, generator)[0])
         ids.append(token)
         new.append(token)
         if eos_id is not None and token == eos_id:
@@ -56,7 +65,8 @@ class GenerationSamples(L.Callback):
 
     Args:
         prompts: the prompts (text).
-        tokenizer: ``encode(text) -> ids``, ``decode(ids) -> text`` and optionally ``eos_id``.
+        tokenizer: ``encode(text) -> ids``, ``decode(ids) -> text`` and optionally ``eos_id``, or a tokenizer directory;
+            default: the module's, else the datamodule's (resolved at the first sample).
         every_n_steps: period in training steps.
         max_new_tokens: tokens generated per prompt.
         temperature: 0 = greedy; otherwise sampling temperature.
@@ -72,8 +82,8 @@ class GenerationSamples(L.Callback):
 
     def __init__(
         self,
-        prompts: Sequence[str],
-        tokenizer: Any,
+        prompts: Sequence[str] = DEFAULT_PROMPTS,
+        tokenizer: Any = None,
         every_n_steps: int = 500,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
@@ -86,8 +96,7 @@ class GenerationSamples(L.Callback):
         if isinstance(prompts, str) or not prompts:
             raise ValueError("`prompts` must be a non-empty list of strings (wrap a single prompt in a list).")
         check_every("every_n_steps", every_n_steps)
-        if temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {temperature}.")
+        check_sampling(temperature, top_k)
         self.prompts = list(prompts)
         self.tokenizer = tokenizer
         self.every_n_steps = every_n_steps
@@ -103,6 +112,11 @@ class GenerationSamples(L.Callback):
     def generate(self, pl_module: L.LightningModule) -> list[tuple[str, str]]:
         """``[(prompt, completion)]`` from the module's current weights."""
         gen = torch.Generator().manual_seed(self.seed)
+        if self.tokenizer is None or isinstance(self.tokenizer, str):
+            self.tokenizer = resolve_tokenizer(self.tokenizer, getattr(pl_module, "_trainer", None), pl_module,
+                                               "GenerationSamples")  # fmt: skip
+        if self.max_length is None:
+            self.max_length = model_max_length(pl_module)
         eos = getattr(self.tokenizer, "eos_id", None)
         out = []
         with eval_mode(pl_module):

@@ -5,6 +5,15 @@ accumulates a :class:`~lightning_llm.metrics.Perplexity` (float64 sums, synchron
 end it logs ``<name>`` = ``exp(total NLL / scored tokens)``. Given ``bytes_fn(batch) -> int`` (UTF-8 bytes covered by
 the batch's scored tokens) it also logs ``<name>_bits_per_byte`` = ``NLL / (ln 2 * bytes)``. With ``dataloader`` and
 ``every_n_steps`` it evaluates that data every N training steps as well.
+
+From YAML, no Python object is needed: ``dataset`` names the extra data (``"embedded"``, a local .txt/.md/.jsonl file
+or a Hugging Face dataset name), cut into ``max_batches`` batches of ``batch_size`` x ``seq_len`` tokens with the
+tokenizer of the module or of the trainer's datamodule (bits per byte are then logged too)::
+
+    trainer:
+      callbacks+:
+        - class_path: lightning_llm.callbacks.PerplexityMonitor
+          init_args: {dataset: embedded, split: test, every_n_steps: 100, seq_len: 128}
 """
 
 from __future__ import annotations
@@ -17,15 +26,19 @@ import lightning as L
 import torch
 
 from lightning_llm.callbacks._utils import (
-    IGNORE_INDEX,
     BatchFn,
+    check_dataset,
     check_every,
     default_batch_fn,
     eval_mode,
     is_due,
     iter_batches,
+    lm_batches,
+    load_texts,
     log_step_metrics,
+    resolve_tokenizer,
 )
+from lightning_llm.ops import IGNORE_INDEX
 
 
 class PerplexityMonitor(L.Callback):
@@ -39,6 +52,13 @@ class PerplexityMonitor(L.Callback):
         bytes_fn: ``batch -> number of UTF-8 bytes`` covered by the batch's scored tokens, for bits per byte.
         ignore_index: target value that is not scored.
         on_validation: also measure the trainer's validation batches.
+        dataset: extra data by name instead of ``dataloader``: "embedded", a local .txt/.md/.jsonl file or a Hugging
+            Face dataset name; evaluated every ``every_n_steps`` steps, or at each validation end when that is None.
+        split: the split of ``dataset`` ("val"/"test"/"train" for "embedded").
+        seq_len: tokens per row of the ``dataset`` batches.
+        batch_size: rows per ``dataset`` batch.
+        max_batches: batches of ``dataset`` evaluated each time.
+        tokenizer: for ``dataset``: a tokenizer object or directory; default: the module's, else the datamodule's.
 
     Attributes:
         last: the last logged values.
@@ -53,10 +73,26 @@ class PerplexityMonitor(L.Callback):
         bytes_fn: Callable[[Any], int] | None = None,
         ignore_index: int = IGNORE_INDEX,
         on_validation: bool = True,
+        dataset: str | None = None,
+        split: str = "val",
+        seq_len: int = 128,
+        batch_size: int = 8,
+        max_batches: int | None = 4,
+        tokenizer: Any = None,
     ) -> None:
         check_every("every_n_steps", every_n_steps)
-        if (dataloader is None) != (every_n_steps is None):
-            raise ValueError("`dataloader` and `every_n_steps` go together: give both (or neither).")
+        check_every("seq_len", seq_len)
+        check_every("batch_size", batch_size)
+        check_dataset("dataset", dataset)
+        if dataset is not None and dataloader is not None:
+            raise ValueError("Give `dataset` (by name) or `dataloader` (an object), not both.")
+        if dataloader is not None and every_n_steps is None:
+            raise ValueError("`dataloader` needs `every_n_steps` (when to evaluate it).")
+        if dataloader is None and dataset is None and every_n_steps is not None:
+            raise ValueError("`every_n_steps` evaluates `dataloader` or `dataset`: give one of them (or neither).")
+        self.dataset, self.split, self.seq_len, self.batch_size = dataset, split, seq_len, batch_size
+        self.max_batches, self.tokenizer = max_batches, tokenizer
+        self._data_bytes_fn: Callable[[Any], int] | None = None
         from lightning_llm.metrics.perplexity import Perplexity
 
         self.name = name
@@ -77,7 +113,7 @@ class PerplexityMonitor(L.Callback):
     @torch.no_grad()
     def _update(self, pl_module: L.LightningModule, batch: Any) -> None:
         logits, targets = self.batch_fn(pl_module, batch)
-        self.metric.update(logits.float(), targets)
+        self.metric.update(logits, targets)
         if self.bytes_fn is not None:
             self._bytes += int(self.bytes_fn(batch))
 
@@ -92,16 +128,14 @@ class PerplexityMonitor(L.Callback):
         self._reset(pl_module.device)
 
     def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args: Any, **kwargs: Any
     ) -> None:
         if self.on_validation and not trainer.sanity_checking:
             self._update(pl_module, batch)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.dataset is not None and self.every_n_steps is None and not trainer.sanity_checking:
+            self._evaluate_data(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.on_validation or trainer.sanity_checking or int(self.metric.count) == 0:
@@ -112,14 +146,32 @@ class PerplexityMonitor(L.Callback):
             pl_module.log(f"{self.name}_bits_per_byte", values["bits_per_byte"])
         self.last = values
 
+    def _build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The ``dataset`` batches, built once with the resolved tokenizer; bits per byte from their text."""
+        tok = resolve_tokenizer(self.tokenizer, trainer, pl_module, "PerplexityMonitor(dataset=...)")
+        batches = lm_batches(load_texts(self.dataset, self.split), tok, self.seq_len, self.batch_size, self.max_batches)
+        self.dataloader = batches
+        self._data_bytes_fn = lambda batch: len(tok.decode(batch["targets"].flatten().tolist()).encode("utf-8"))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if self.dataloader is None or not is_due(trainer.global_step, self.every_n_steps):
+        if self.every_n_steps is None or not is_due(trainer.global_step, self.every_n_steps):
             return
-        with eval_mode(pl_module):
-            self._reset(pl_module.device)
-            for batch in iter_batches(self.dataloader, pl_module.device):
-                self._update(pl_module, batch)
-        values = self._values(trainer)
+        self._evaluate_data(trainer, pl_module)
+
+    def _evaluate_data(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate ``dataloader`` / ``dataset`` now and log ``<name>_data`` (and its bits per byte)."""
+        if self.dataloader is None:
+            self._build(trainer, pl_module)
+        own_bytes_fn = self.bytes_fn
+        self.bytes_fn = self._data_bytes_fn or own_bytes_fn  # the named dataset knows its text
+        try:
+            with eval_mode(pl_module):
+                self._reset(pl_module.device)
+                for batch in iter_batches(self.dataloader, pl_module.device):
+                    self._update(pl_module, batch)
+            values = self._values(trainer)
+        finally:
+            self.bytes_fn = own_bytes_fn
         metrics = {f"{self.name}_data": values["ppl"]}
         if "bits_per_byte" in values:
             metrics[f"{self.name}_data_bits_per_byte"] = values["bits_per_byte"]

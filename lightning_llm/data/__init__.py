@@ -6,8 +6,7 @@ in Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_llm._lazy import lazy_exports
 
 _EXPORTS = {
     "embedded_corpus": "lightning_llm.data.corpus",
@@ -28,6 +27,7 @@ _EXPORTS = {
     "ChatTemplate": "lightning_llm.data.preference",
     "collate_preference": "lightning_llm.data.preference",
     "PromptDataModule": "lightning_llm.data.prompts",
+    "SFTDataModule": "lightning_llm.data.sft",
     "collate_prompts": "lightning_llm.data.prompts",
     "TargetCharReward": "lightning_llm.data.synthetic",
     "char_tokenizer": "lightning_llm.data.synthetic",
@@ -43,13 +43,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lightning_llm.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -34,15 +34,16 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from lightning_llm.data.text import IGNORE_INDEX
 from lightning_llm.data.tokenizer import Tokenizer
+from lightning_llm.ops import IGNORE_INDEX
 
 __all__ = [
     "LambadaDataModule",
@@ -66,6 +67,17 @@ def lambada_split(text: str) -> tuple[str, str]:
     """
     words = text.split(" ")
     return " ".join(words[:-1]), " " + words[-1]
+
+
+def move_trailing_spaces(context: str, continuation: str) -> tuple[str, str]:
+    """Harness ``_encode_pair``: trailing spaces of the context move to the front of the continuation.
+
+    Example:
+        >>> move_trailing_spaces("the cat ", "sat")
+        ('the cat', ' sat')
+    """
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
 
 
 def read_lambada_jsonl(path: str | os.PathLike) -> list[str]:
@@ -147,12 +159,7 @@ def encode_lambada(
     pairs = []  # (context, continuation, target) after the harness's trailing-space move
     for text in texts:
         context, target = lambada_split(text)
-        continuation = target
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces > 0:  # harness _encode_pair: trailing context spaces go to the continuation
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        pairs.append((context, continuation, target))
+        pairs.append((*move_trailing_spaces(context, target), target))
     # Harness loglikelihood(): an empty context (before the space move) uses [prefix_token_id] as context;
     # any other context goes through _encode_pair: whole = tok(context + continuation), ctx = tok(context).
     regular = [i for i, text in enumerate(texts) if lambada_split(text)[0] != ""]
@@ -210,17 +217,6 @@ def harness_order(examples: list[dict[str, Any]]) -> list[int]:
             tuple(examples[i]["context_ids"] + examples[i]["target_ids"]),
         ),
     )
-
-
-class _LambadaDataset(Dataset):
-    def __init__(self, examples: list[dict[str, Any]]) -> None:
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.examples[i]
 
 
 def collate_lambada(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -384,22 +380,10 @@ class LambadaDataModule(L.LightningDataModule):
         """Length-sorted (longest first, as the harness), right-padded batches; see :func:`collate_lambada`."""
         examples = self.examples
         assert self._order is not None
-        dataset = _LambadaDataset([examples[i] for i in self._order])
-        pad_id = self.tokenizer.pad_id
         return DataLoader(
-            dataset,
+            [examples[i] for i in self._order],  # a list is a map-style dataset
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=_Collate(pad_id),
+            collate_fn=partial(collate_lambada, pad_id=self.tokenizer.pad_id),  # picklable for workers
         )
-
-
-class _Collate:
-    """Picklable collate function (DataLoader workers)."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_lambada(examples, self.pad_id)

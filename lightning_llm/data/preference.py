@@ -5,22 +5,48 @@ Accepted example formats (TRL's dataset conventions, the ecosystem standard):
 * standard, explicit prompt: ``{"prompt": str, "chosen": str, "rejected": str}``;
 * standard, implicit prompt: ``{"chosen": str, "rejected": str}`` (the shared prefix is the prompt,
   ``trl.data_utils.maybe_extract_prompt``);
-* conversational: the same keys holding lists of ``{"role", "content"}`` messages, rendered to text with a chat
-  template through ``trl.data_utils.maybe_apply_chat_template``;
+* conversational: the same keys holding lists of ``{"role", "content"}`` messages;
 * an optional ``"margin"`` column (float), used by the reward model's Bradley-Terry loss.
 
 Sources: ``"synthetic"`` (the embedded letters task of :mod:`lightning_llm.data.synthetic`, no files), a local
 ``.jsonl`` / ``.json`` file, or a Hugging Face dataset name; files and names are both read with
 ``datasets.load_dataset`` (the real path).
 
-Tokenisation (as TRL's DPO / reward trainers): prompt and completion are encoded separately; ``eos`` is appended to
-each completion; the prompt is truncated from the LEFT to ``max_prompt_length`` and the completion from the right so
-that prompt + completion fit ``max_length``.
+Tokenization is TRL 1.16's (``DPOTrainer._prepare_dataset``; ``RewardTrainer`` builds the same full sequences), so a
+model sees the same token ids here as under TRL:
+
+* standard examples: the eos token's TEXT is appended to ``chosen`` and ``rejected`` unless they already end with it;
+  ``prompt``, ``prompt + chosen`` and ``prompt + rejected`` are each encoded with the tokenizer's OWN special-token
+  behaviour (``tokenizer(text)``, i.e. ``add_special_tokens=True``): a Llama-style tokenizer adds its BOS, a
+  GPT-2-style byte-level tokenizer adds nothing (its ``<|endoftext|>`` BOS is not prepended);
+* conversational examples: rendered with the chat template (the prompt with ``add_generation_prompt=True``, and the
+  whole prompt + chosen / prompt + rejected conversations), then encoded WITHOUT special tokens (the template writes
+  them), as ``tokenizer.apply_chat_template(..., tokenize=True)``; no eos is appended;
+* the completion starts where the encoded prompt and the encoded prompt + completion first differ (TRL's
+  ``common_prefix_length``; tokens may merge across the boundary), so ``prompt_ids + chosen_ids`` is exactly the
+  encoding of the whole text.
+
+The chat template is, in order: ``chat_template`` (a Jinja string, rendered by ``transformers`` as
+``apply_chat_template`` renders it, with the tokenizer's special tokens), the Hugging Face tokenizer's own template
+(``tokenizer`` a Hugging Face directory or name), or :class:`ChatTemplate`'s default plain format.
+
+Choices for this project's own tokenizers, which have no Hugging Face configuration to follow: the byte-level BPE
+trained on the data and the character tokenizer of the synthetic task behave like GPT-2's tokenizer: no BOS (they have
+none) and nothing added by ``add_special_tokens``; ``<|endoftext|>`` closes every standard completion; their chat
+template is :class:`ChatTemplate`'s default (``"{role}: {content}\\n"`` per message, generation prompt
+``"assistant: "``). Saved with :meth:`~lightning_llm.data.Tokenizer.save` and loaded by ``transformers``, they encode
+the same way under TRL.
+
+Length limits (TRL's defaults): ``truncation_mode="keep_start"`` (``DPOTrainer``): pairs whose prompt alone fills
+``max_length`` are dropped, and prompt + completion is cut to its first ``max_length`` tokens;
+``truncation_mode="filter"`` (``RewardTrainer``): pairs whose chosen or rejected sequence is longer than
+``max_length`` are dropped. ``max_prompt_length`` (TRL 0.x, not in TRL 1.x; default off) first keeps only the last
+``max_prompt_length`` prompt tokens.
 
 Batches (right padded with ``pad_id``; ``X`` is ``chosen`` or ``rejected``, both padded to the same width L):
 ``X_input_ids (B, L)``, ``X_attention_mask (B, L)`` (1 on real tokens), ``X_loss_mask (B, L)`` (1 on completion
-tokens, eos included), ``margin (B,)`` when every example has one, and ``index (B,)`` (the example's position in its
-split, used to cache reference log-probabilities).
+tokens, eos included; TRL's ``completion_mask``), ``margin (B,)`` when every example has one, and ``index (B,)`` (the
+example's position in its split, used to cache reference log-probabilities).
 
 Notation: B batch of pairs, L padded sequence length.
 """
@@ -38,41 +64,92 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_llm.data.synthetic import SYNTHETIC_CHARS, char_tokenizer, synthetic_preference_examples
-from lightning_llm.data.tokenizer import Tokenizer, load_tokenizer
+from lightning_llm.data.tokenizer import EOS_TOKEN, Tokenizer, load_tokenizer
 
 __all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "TRUNCATION_MODES",
     "ChatTemplate",
     "PreferenceDataModule",
     "PreferenceDataset",
     "collate_preference",
+    "encode_pair",
+    "encode_text",
     "load_records",
+    "resolve_chat_template",
     "resolve_tokenizer",
+    "to_text_example",
 ]
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ chat template
-class ChatTemplate:
-    """A minimal chat template with the ``apply_chat_template`` interface ``trl.data_utils`` calls.
+#: :class:`ChatTemplate`'s default format as a Hugging Face Jinja chat template: set it as ``tokenizer.chat_template``
+#: to render conversations elsewhere (e.g. in TRL) exactly as here.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
-    Our tokenizers have no chat template of their own; this one renders every message as ``"{role}: {content}\\n"``
-    and the generation prompt as ``"assistant: "``. A Jinja template string (the Hugging Face format, variables
-    ``messages`` and ``add_generation_prompt``) can be given instead.
+
+class ChatTemplate:
+    """A chat template with the ``apply_chat_template`` interface ``trl.data_utils`` calls (text out).
+
+    Without a template, every message is rendered as ``"{role}: {content}\\n"`` and the generation prompt as
+    ``"assistant: "`` (the format for this project's own tokenizers, which have no chat template; as Jinja:
+    :data:`DEFAULT_CHAT_TEMPLATE`). A Jinja template string (the Hugging Face format) is rendered as ``transformers``
+    renders it (``render_jinja_template``, the code behind ``PreTrainedTokenizerBase.apply_chat_template``), with
+    ``special_tokens`` (``bos_token``, ``eos_token``, ...) as template variables; without ``transformers``, by a plain
+    ``jinja2`` environment.
 
     Args:
         template: ``None`` for the default format, or a Jinja chat template string.
+        special_tokens: template variables naming the tokenizer's special tokens, e.g.
+            ``{"bos_token": "<s>", "eos_token": "</s>"}`` (as ``tokenizer.special_tokens_map``).
     """
 
-    def __init__(self, template: str | None = None) -> None:
+    def __init__(self, template: str | None = None, special_tokens: dict[str, Any] | None = None) -> None:
         if template is not None and not isinstance(template, str):
             raise TypeError(f"ChatTemplate: `template` must be None or a Jinja string, got {type(template).__name__}.")
+        if special_tokens is not None and not isinstance(special_tokens, dict):
+            raise TypeError(
+                f"ChatTemplate: `special_tokens` must be a dict such as {{'eos_token': '</s>'}}, got {special_tokens!r}."
+            )
         self.template = template
-        self._jinja = None
-        if template is not None:
-            import jinja2
+        self.special_tokens = dict(special_tokens or {})
 
-            self._jinja = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+    @classmethod
+    def from_pretrained(cls, path_or_name: str) -> ChatTemplate | None:
+        """The chat template of a Hugging Face tokenizer (``transformers.AutoTokenizer``), or ``None`` when it has none
+        (or cannot be read as one, e.g. a directory written by :meth:`~lightning_llm.data.Tokenizer.save`)."""
+        try:
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(path_or_name)
+        except Exception:  # noqa: BLE001 - no transformers / not a Hugging Face tokenizer: no template of its own
+            return None
+        template = getattr(hf, "chat_template", None)
+        if isinstance(template, dict):  # named templates: the default one
+            template = template.get("default")
+        if not isinstance(template, str):
+            return None
+        special = {k: v for k, v in hf.special_tokens_map.items() if isinstance(v, str)}
+        return cls(template, special)
+
+    @staticmethod
+    def special_tokens_of(tokenizer: Tokenizer) -> dict[str, str]:
+        """``{"bos_token", "eos_token", "pad_token"}`` of one of our tokenizers (the entries it has)."""
+        out = {}
+        for key, tid in (
+            ("bos_token", tokenizer.bos_id),
+            ("eos_token", tokenizer.eos_id),
+            ("pad_token", tokenizer.pad_id),
+        ):
+            token = None if tid is None else tokenizer.id_to_token(tid)
+            if token is not None:
+                out[key] = token
+        return out
 
     def apply_chat_template(
         self,
@@ -85,16 +162,47 @@ class ChatTemplate:
     ) -> str:
         if tokenize:
             raise ValueError("ChatTemplate.apply_chat_template: only tokenize=False is supported (text out).")
+        if not messages:
+            raise ValueError("ChatTemplate.apply_chat_template: `messages` is empty; pass at least one message.")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}] must be a {{'role', 'content'}} dict, got {m!r}.")
-        if self._jinja is not None:
-            text = self._jinja.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **kwargs)
-        else:
+        if self.template is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             if add_generation_prompt:
                 text += "assistant: "
-        if continue_final_message and messages:
+            if continue_final_message:
+                last = messages[-1]["content"]
+                cut = text.rfind(last)
+                if cut >= 0:
+                    text = text[: cut + len(last)]
+            return text
+        variables = {**self.special_tokens, **kwargs}
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
+        except ImportError:
+            return self._render_jinja2(messages, tools, add_generation_prompt, continue_final_message, variables)
+        rendered, _ = render_jinja_template(
+            conversations=[list(messages)],
+            tools=tools,
+            chat_template=self.template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **variables,
+        )
+        return rendered[0]
+
+    def _render_jinja2(
+        self, messages: Sequence[dict[str, str]], tools: Any, gen: bool, cont: bool, variables: dict[str, Any]
+    ) -> str:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        text = env.from_string(self.template).render(
+            messages=list(messages), tools=tools, add_generation_prompt=gen, **variables
+        )
+        if cont and messages:
             last = messages[-1]["content"]
             cut = text.rfind(last)
             if cut >= 0:
@@ -108,8 +216,25 @@ def _is_conversational(example: dict[str, Any]) -> bool:
     return is_conversational(example)
 
 
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Length of the longest common prefix of two sequences (token ids or characters)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def to_text_example(example: dict[str, Any], template: ChatTemplate) -> dict[str, Any]:
-    """One TRL-format preference example -> ``{"prompt": str, "chosen": str, "rejected": str[, "margin"]}``."""
+    """One TRL-format preference example -> text (see the module docstring for how it is encoded).
+
+    Returns:
+        ``{"prompt", "chosen", "rejected"[, "margin"]}`` for standard examples (the completions without the eos, which
+        :func:`encode_pair` appends); for conversational ones also ``"prompt_chosen"`` and ``"prompt_rejected"``, the
+        rendered whole conversations that are encoded, with ``prompt`` rendered with the generation prompt and
+        ``chosen`` / ``rejected`` the text after the part shared with the prompt.
+    """
     missing = {"chosen", "rejected"} - set(example)
     if missing:
         raise ValueError(
@@ -123,16 +248,27 @@ def to_text_example(example: dict[str, Any], template: ChatTemplate) -> dict[str
         from trl.data_utils import maybe_extract_prompt
 
         keep = maybe_extract_prompt(keep)
+    out: dict[str, Any]
     if conversational:
-        from trl.data_utils import maybe_apply_chat_template
-
-        keep = maybe_apply_chat_template(keep, template)
-    for key in ("prompt", "chosen", "rejected"):
-        if not isinstance(keep.get(key), str):
-            raise TypeError(
-                f"Preference example field {key!r} must be text or a list of messages, got {keep.get(key)!r}."
-            )
-    out: dict[str, Any] = {"prompt": keep["prompt"], "chosen": keep["chosen"], "rejected": keep["rejected"]}
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(keep.get(key), list):
+                raise TypeError(
+                    f"Conversational preference example field {key!r} must be a list of messages, got "
+                    f"{keep.get(key)!r}."
+                )
+        prompt = template.apply_chat_template(keep["prompt"], add_generation_prompt=True)
+        full = {k: template.apply_chat_template(keep["prompt"] + keep[k]) for k in ("chosen", "rejected")}
+        out = {"prompt": prompt}
+        for key in ("chosen", "rejected"):
+            out[key] = full[key][_common_prefix(prompt, full[key]) :]
+        out["prompt_chosen"], out["prompt_rejected"] = full["chosen"], full["rejected"]
+    else:
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(keep.get(key), str):
+                raise TypeError(
+                    f"Preference example field {key!r} must be text or a list of messages, got {keep.get(key)!r}."
+                )
+        out = {"prompt": keep["prompt"], "chosen": keep["chosen"], "rejected": keep["rejected"]}
     if example.get("margin") is not None:
         out["margin"] = float(example["margin"])
     return out
@@ -151,7 +287,13 @@ def load_records(dataset: str, split: str, dataset_config: str | None = None) ->
         path = Path(dataset).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"`dataset`={dataset!r} looks like a file path but does not exist.")
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        from lightning_llm.data.text import diagnose_local_file, load_local_file
+
+        ds = load_local_file(path, dataset, split="train")
+        try:  # pyarrow reads bytes that are not UTF-8 and only fails when a row is decoded
+            return [dict(row) for row in ds]
+        except UnicodeDecodeError as err:
+            raise ValueError(diagnose_local_file(path) or f"`dataset`={dataset!r}: {err}") from None
     else:
         try:
             ds = datasets.load_dataset(dataset, dataset_config, split=split)
@@ -176,6 +318,43 @@ def resolve_tokenizer(
     return load_tokenizer(spec, train_texts=None if spec is not None else list(texts), vocab_size=bpe_vocab_size)
 
 
+def resolve_chat_template(
+    chat_template: str | None, tokenizer_spec: str | Tokenizer | None, tokenizer: Tokenizer | None = None
+) -> ChatTemplate:
+    """The chat template a data module renders conversations with (the module docstring's order).
+
+    Args:
+        chat_template: an explicit Jinja template string, or ``None``.
+        tokenizer_spec: the data module's ``tokenizer`` argument; a Hugging Face path or name contributes its own chat
+            template and special-token names.
+        tokenizer: the resolved tokenizer, if known (its special tokens are the template variables otherwise).
+    """
+    own = (
+        ChatTemplate.from_pretrained(tokenizer_spec)
+        if isinstance(tokenizer_spec, str) and tokenizer_spec != "char"
+        else None
+    )
+    if chat_template is None:
+        return own if own is not None else ChatTemplate()
+    if own is not None:
+        special = own.special_tokens
+    elif tokenizer is not None:
+        special = ChatTemplate.special_tokens_of(tokenizer)
+    else:  # this project's own tokenizers: <|endoftext|> is eos and pad
+        special = {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    return ChatTemplate(chat_template, special)
+
+
+class _LazyTemplate:
+    """Resolves a data module's chat template on the first conversation it renders (plain data never loads one)."""
+
+    def __init__(self, owner: _TokenizedSplits) -> None:
+        self.owner = owner
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> str:
+        return self.owner.template.apply_chat_template(*args, **kwargs)
+
+
 def _split(records: list[dict[str, Any]], val_fraction: float, seed: int) -> tuple[list, list]:
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(records), generator=g).tolist()
@@ -188,18 +367,57 @@ def _split(records: list[dict[str, Any]], val_fraction: float, seed: int) -> tup
 
 
 # ------------------------------------------------------------------------------------------------ dataset
+TRUNCATION_MODES = ("keep_start", "filter")
+
+
+def encode_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """``tokenizer(text)["input_ids"]`` as ``transformers`` computes it: with ``add_special_tokens=True`` the
+    tokenizer's own post-processor decides which special tokens to add (a Llama-style BOS; nothing for GPT-2-style
+    byte-level tokenizers and this project's own); special tokens written in the text (an eos appended as text, a chat
+    template's markers) are always recognised."""
+    if not isinstance(text, str):
+        raise TypeError(f"encode_text: `text` must be a str, got {type(text).__name__}.")
+    return tokenizer.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+
 def encode_pair(
-    example: dict[str, Any], tokenizer: Tokenizer, max_length: int, max_prompt_length: int
+    example: dict[str, Any],
+    tokenizer: Tokenizer,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_start",
 ) -> dict[str, Any] | None:
-    """Tokenise one text example (see the module docstring); ``None`` when no completion token fits."""
-    prompt = tokenizer.encode(example["prompt"], add_bos=tokenizer.bos_id is not None)
-    prompt = prompt[-max_prompt_length:] if len(prompt) > max_prompt_length else prompt
-    room = max_length - len(prompt)
-    if room < 1:
+    """Tokenize one text example (from :func:`to_text_example`) as TRL 1.16 does (see the module docstring).
+
+    Returns:
+        ``{"prompt_ids", "chosen_ids", "rejected_ids"[, "margin"]}``, with ``prompt_ids + chosen_ids`` the encoding of
+        the whole prompt + chosen text; ``None`` when the pair is dropped by the length rules.
+    """
+    if "prompt_chosen" in example:  # a rendered conversation: the chat template wrote the special tokens
+        special = False
+        texts = (example["prompt"], example["prompt_chosen"], example["prompt_rejected"])
+    else:
+        eos = tokenizer.id_to_token(tokenizer.eos_id)
+        special = True
+        completions = [c if c.endswith(eos) else c + eos for c in (example["chosen"], example["rejected"])]
+        texts = (example["prompt"], *(example["prompt"] + c for c in completions))
+    prompt, prompt_chosen, prompt_rejected = (encode_text(tokenizer, t, special) for t in texts)
+    n = min(_common_prefix(prompt, prompt_chosen), _common_prefix(prompt, prompt_rejected))
+    prompt_ids, chosen_ids, rejected_ids = prompt_chosen[:n], prompt_chosen[n:], prompt_rejected[n:]
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+    if max_length is not None:
+        if truncation_mode == "filter":  # RewardTrainer: drop pairs longer than max_length
+            if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length:
+                return None
+        else:  # DPOTrainer "keep_start": drop a prompt that fills max_length, else keep the first max_length tokens
+            if len(prompt_ids) >= max_length:
+                return None
+            room = max_length - len(prompt_ids)
+            chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    if not chosen_ids or not rejected_ids:
         return None
-    out: dict[str, Any] = {"prompt_ids": prompt}
-    for key in ("chosen", "rejected"):
-        out[f"{key}_ids"] = tokenizer.encode(example[key], add_eos=True)[:room]
+    out: dict[str, Any] = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
     if "margin" in example:
         out["margin"] = example["margin"]
     return out
@@ -265,6 +483,7 @@ class _TokenizedSplits(L.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()
         self._tokenizer: Tokenizer | None = None
+        self._template: ChatTemplate | None = None
         self._datasets: dict[str, Dataset] = {}
 
     @property
@@ -287,14 +506,24 @@ class _TokenizedSplits(L.LightningDataModule):
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = resolve_tokenizer(
-                self.hparams.tokenizer, self._tokenizer_texts(), self.is_synthetic, self.hparams.tokenizer_vocab_size
-            )
+            spec = self.hparams.tokenizer
+            # only a tokenizer built from the data reads the texts (a pretrained one renders chats with its template)
+            texts = self._tokenizer_texts() if spec in (None, "char") and not self.is_synthetic else []
+            self._tokenizer = resolve_tokenizer(spec, texts, self.is_synthetic, self.hparams.tokenizer_vocab_size)
         return self._tokenizer
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The chat template of conversational data (resolved on first use, see :func:`resolve_chat_template`)."""
+        if self._template is None:
+            spec = self.hparams.tokenizer
+            known = spec if isinstance(spec, Tokenizer) else (self.tokenizer if spec not in (None, "char") else None)
+            self._template = resolve_chat_template(self.hparams.chat_template, spec, known)
+        return self._template
 
     def dataset(self, split: str) -> Dataset:
         if split not in ("train", "val"):
@@ -308,10 +537,16 @@ class _TokenizedSplits(L.LightningDataModule):
         self.dataset("val")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        """A :class:`~lightning_llm.checkpoint.ResumableDataLoader` shuffled by a generator seeded with ``seed``, so a
+        resumed run (RewardModel, DPO, PPO, GRPO) sees exactly the batches the uninterrupted one would."""
+        from lightning_llm.checkpoint import ResumableDataLoader
+
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        return ResumableDataLoader(
             self.dataset(split),
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            generator=generator,
             num_workers=self.hparams.num_workers,
             collate_fn=self._collate(),
             drop_last=self._drop_last(split, shuffle),
@@ -338,8 +573,14 @@ class PreferenceDataModule(_TokenizedSplits):
         tokenizer: ``None`` (character tokenizer for ``"synthetic"``, else a byte-level BPE trained on the training
             texts), ``"char"``, a saved tokenizer directory, or a Hugging Face tokenizer path / name.
         tokenizer_vocab_size: BPE vocabulary size when a BPE is trained.
-        chat_template: Jinja template for conversational data; ``None`` uses :class:`ChatTemplate`'s default.
-        max_length, max_prompt_length: token limits (prompt truncated from the left, completion from the right).
+        chat_template: Jinja template for conversational data; ``None``: the Hugging Face tokenizer's own template,
+            else :class:`ChatTemplate`'s default.
+        max_length: token limit of prompt + completion (TRL's default 1024; ``None``: no limit), applied as
+            ``truncation_mode`` says.
+        max_prompt_length: optional limit of the prompt, which keeps its last tokens (TRL 0.x; ``None``: off, as
+            TRL 1.x).
+        truncation_mode: ``"keep_start"`` (``DPOTrainer``: drop pairs whose prompt fills ``max_length``, cut the rest
+            to ``max_length``) or ``"filter"`` (``RewardTrainer``: drop pairs longer than ``max_length``).
         num_train, num_val: synthetic task sizes. synthetic_length, synthetic_min_gap: synthetic completion length and
             smallest score gap between chosen and rejected.
         batch_size, num_workers, seed: loader settings.
@@ -356,8 +597,9 @@ class PreferenceDataModule(_TokenizedSplits):
         tokenizer: str | None = None,
         tokenizer_vocab_size: int = 4096,
         chat_template: str | None = None,
-        max_length: int = 128,
-        max_prompt_length: int = 64,
+        max_length: int | None = 1024,
+        max_prompt_length: int | None = None,
+        truncation_mode: str = "keep_start",
         num_train: int = 2048,
         num_val: int = 256,
         synthetic_length: int = 8,
@@ -367,25 +609,29 @@ class PreferenceDataModule(_TokenizedSplits):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        limits = {"max_length": max_length, "max_prompt_length": max_prompt_length}
         _check_positive_ints(
             "PreferenceDataModule",
             {
-                "max_length": max_length,
-                "max_prompt_length": max_prompt_length,
+                **{k: v for k, v in limits.items() if v is not None},
                 "batch_size": batch_size,
                 "num_train": num_train,
                 "num_val": num_val,
             },
         )
-        if max_prompt_length >= max_length:
+        if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
             raise ValueError(
                 f"PreferenceDataModule: `max_prompt_length` ({max_prompt_length}) must be < `max_length` "
                 f"({max_length}) to leave room for the completion."
             )
+        if truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(
+                f"PreferenceDataModule: `truncation_mode` must be one of {list(TRUNCATION_MODES)} (DPOTrainer's, "
+                f"RewardTrainer's), got {truncation_mode!r}."
+            )
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"PreferenceDataModule: `val_fraction` must be in [0, 1), got {val_fraction}.")
         self.save_hyperparameters()
-        self.template = ChatTemplate(chat_template)
         self._texts: dict[str, list[dict[str, Any]]] | None = None
 
     # -------------------------------------------------------------------------------------------- text
@@ -415,7 +661,8 @@ class PreferenceDataModule(_TokenizedSplits):
                 else:
                     train, val = _split(train, hp.val_fraction, hp.seed)
                 raw = {"train": train, "val": val}
-            self._texts = {split: [to_text_example(ex, self.template) for ex in rows] for split, rows in raw.items()}
+            template = _LazyTemplate(self)
+            self._texts = {split: [to_text_example(ex, template) for ex in rows] for split, rows in raw.items()}
             if not self._texts["train"]:
                 raise ValueError(f"PreferenceDataModule: dataset {hp.dataset!r} has no training examples.")
         return self._texts
@@ -428,12 +675,13 @@ class PreferenceDataModule(_TokenizedSplits):
     def _build_dataset(self, split: str) -> PreferenceDataset:
         hp = self.hparams
         items = [
-            encode_pair(ex, self.tokenizer, hp.max_length, hp.max_prompt_length) for ex in self.text_examples()[split]
+            encode_pair(ex, self.tokenizer, hp.max_length, hp.max_prompt_length, hp.truncation_mode)
+            for ex in self.text_examples()[split]
         ]
         kept = [it for it in items if it is not None]
         if len(kept) < len(items):
             log.warning(
-                "PreferenceDataModule: dropped %d %s pairs with no room for a completion.",
+                "PreferenceDataModule: dropped %d %s pairs by the length rules (max_length, truncation_mode).",
                 len(items) - len(kept),
                 split,
             )

@@ -2,9 +2,14 @@
 
 Sources: an explicit list of prompts, ``"synthetic"`` (the embedded letters task of
 :mod:`lightning_llm.data.synthetic`), a local ``.jsonl`` / ``.json`` file or a Hugging Face dataset with a prompt
-column (read with ``datasets.load_dataset``). Conversational prompts (lists of ``{"role", "content"}`` messages,
-TRL's "prompt-only" format) are rendered with a chat template and the generation prompt through
-``trl.data_utils.maybe_apply_chat_template``.
+column (read with ``datasets.load_dataset``).
+
+Tokenization is that of TRL 1.16's online trainers (``GRPOTrainer._tokenize_prompts``, also RLOO's): a text prompt
+is encoded with the tokenizer's own special-token behaviour (``tokenizer(text)``: a Llama-style BOS, nothing for
+GPT-2-style tokenizers and this project's own); a conversational prompt (a list of ``{"role", "content"}``
+messages, TRL's "prompt-only" format) is rendered with the chat template and the generation prompt, then encoded
+without special tokens (``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``). The chat template is
+chosen as in :mod:`lightning_llm.data.preference`.
 
 Prompts stay as Python lists of token ids (no padding here): :func:`lightning_llm.nn.generate` left-pads them, which is
 what batched KV-cache decoding needs.
@@ -20,11 +25,12 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_llm.data.preference import (
-    ChatTemplate,
     _check_positive_ints,
+    _LazyTemplate,
     _looks_like_file,
     _split,
     _TokenizedSplits,
+    encode_text,
     load_records,
 )
 from lightning_llm.data.synthetic import synthetic_prompts
@@ -32,14 +38,14 @@ from lightning_llm.data.synthetic import synthetic_prompts
 __all__ = ["PromptDataModule", "PromptDataset", "collate_prompts"]
 
 
-def _prompt_text(row: Any, field: str, template: ChatTemplate) -> str:
+def _prompt_text(row: Any, field: str, template: Any) -> tuple[str, bool]:
+    """``(text, rendered)``: the prompt as text, and whether it is a rendered conversation (then encoded without the
+    tokenizer's special tokens, which the template wrote)."""
     value = row.get(field) if isinstance(row, dict) else row
     if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        from trl.data_utils import maybe_apply_chat_template
-
-        return maybe_apply_chat_template({"prompt": value}, template)["prompt"]
+        return value, False
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return template.apply_chat_template(value, add_generation_prompt=True), True
     raise TypeError(
         f"A prompt must be a string or a list of chat messages; got {type(value).__name__} in field {field!r} of "
         f"{row!r}. Set `prompt_field` to the dataset's prompt column."
@@ -78,7 +84,8 @@ class PromptDataModule(_TokenizedSplits):
             a saved tokenizer directory or a Hugging Face tokenizer path / name. It must be the tokenizer of the policy
             (and of the reward model, when one is used).
         tokenizer_vocab_size: BPE vocabulary size when a BPE is trained.
-        chat_template: Jinja template for conversational prompts (default :class:`ChatTemplate`).
+        chat_template: Jinja template for conversational prompts (default: the Hugging Face tokenizer's own template,
+            else :class:`~lightning_llm.data.preference.ChatTemplate`'s default).
         num_train, num_val: synthetic task sizes.
         batch_size: prompts per rollout (per process).
     """
@@ -106,8 +113,8 @@ class PromptDataModule(_TokenizedSplits):
             raise TypeError(f"PromptDataModule: `prompts` must be a non-empty list of prompts, got {prompts!r}.")
         _check_positive_ints("PromptDataModule", {"batch_size": batch_size, "num_train": num_train, "num_val": num_val})
         self.save_hyperparameters()
-        self.template = ChatTemplate(chat_template)
         self._texts: dict[str, list[str]] | None = None
+        self._rendered: dict[str, list[bool]] = {}
 
     @property
     def is_synthetic(self) -> bool:
@@ -118,34 +125,37 @@ class PromptDataModule(_TokenizedSplits):
         if self._texts is None:
             hp = self.hparams
             field = hp.prompt_field
+            template = _LazyTemplate(self)
             if hp.prompts is not None:
-                rows = [_prompt_text(p, field, self.template) for p in hp.prompts]
+                rows = [_prompt_text(p, field, template) for p in hp.prompts]
                 if len(rows) == 1 or hp.val_fraction == 0:
                     train, val = rows, rows
                 else:
                     train, val = _split(rows, hp.val_fraction, hp.seed)
             elif self.is_synthetic:
-                train, val = synthetic_prompts(hp.num_train, hp.seed), synthetic_prompts(hp.num_val, hp.seed + 1)
+                train = [(t, False) for t in synthetic_prompts(hp.num_train, hp.seed)]
+                val = [(t, False) for t in synthetic_prompts(hp.num_val, hp.seed + 1)]
             else:
                 records = load_records(hp.dataset, hp.train_split, hp.dataset_config)
                 if hp.val_split is not None and not _looks_like_file(hp.dataset):
                     val_records = load_records(hp.dataset, hp.val_split, hp.dataset_config)
                 else:
                     records, val_records = _split(records, hp.val_fraction, hp.seed)
-                train = [_prompt_text(r, field, self.template) for r in records]
-                val = [_prompt_text(r, field, self.template) for r in val_records]
-            self._texts = {"train": train, "val": val}
+                train = [_prompt_text(r, field, template) for r in records]
+                val = [_prompt_text(r, field, template) for r in val_records]
+            self._rendered = {"train": [r for _, r in train], "val": [r for _, r in val]}
+            self._texts = {"train": [t for t, _ in train], "val": [t for t, _ in val]}
         return self._texts
 
     def _tokenizer_texts(self) -> list[str]:
         return self.texts()["train"]
 
     def _build_dataset(self, split: str) -> PromptDataset:
-        return self._encode(self.texts()[split], split)
+        return self._encode(self.texts()[split], self._rendered[split], split)
 
-    def _encode(self, texts: list[str], split: str) -> PromptDataset:
+    def _encode(self, texts: list[str], rendered: list[bool], split: str) -> PromptDataset:
         tok = self.tokenizer
-        ids = [tok.encode(t, add_bos=tok.bos_id is not None) for t in texts]
+        ids = [encode_text(tok, t, add_special_tokens=not r) for t, r in zip(texts, rendered)]
         empty = [i for i, x in enumerate(ids) if not x]
         if empty:
             raise ValueError(f"PromptDataModule: {len(empty)} {split} prompts encode to no tokens (first: {empty[0]}).")
@@ -155,11 +165,12 @@ class PromptDataModule(_TokenizedSplits):
         """For ``predict``: every explicit prompt in the order given (no split), else the validation prompts."""
         hp = self.hparams
         if hp.prompts is not None:
-            texts = [_prompt_text(p, hp.prompt_field, self.template) for p in hp.prompts]
+            pairs = [_prompt_text(p, hp.prompt_field, _LazyTemplate(self)) for p in hp.prompts]
+            texts, rendered = [t for t, _ in pairs], [r for _, r in pairs]
         else:
-            texts = self.texts()["val"]
+            texts, rendered = self.texts()["val"], self._rendered["val"]
         return DataLoader(
-            self._encode(texts, "predict"),
+            self._encode(texts, rendered, "predict"),
             batch_size=hp.batch_size,
             shuffle=False,
             num_workers=hp.num_workers,

@@ -8,7 +8,10 @@ The "letters" world, shared by the reward-model, DPO and PPO quickstarts:
   one has more target letters, and ``margin = (score_chosen - score_rejected) / length``;
 * the PPO reward :class:`TargetCharReward` is the fraction of the completion budget filled with the target letter,
   so its maximum is exactly 1.0 (``length`` target letters), which makes "how much of the gap to the maximum was
-  closed" measurable.
+  closed" measurable;
+* the verifiable task of GRPO / RLOO (:class:`LetterShiftReward`): answer the letter ``shift`` places after the
+  prompt's last letter (cyclic in ``a..h``, so ``"cbfg>"`` -> ``"h"`` for shift 1), checked exactly: reward 1.0 for
+  the exact answer, partial credit for the matching positions, 0 for anything else.
 
 The tokenizer is character level (:func:`char_tokenizer`), built with Hugging Face ``tokenizers`` from a FIXED
 character set, so two data modules (preference data for the reward model, prompts for PPO) build identical
@@ -30,9 +33,11 @@ from lightning_llm.data.tokenizer import EOS_TOKEN, Tokenizer
 __all__ = [
     "SYNTHETIC_ALPHABET",
     "SYNTHETIC_CHARS",
+    "LetterShiftReward",
     "TargetCharReward",
     "UNK_TOKEN",
     "char_tokenizer",
+    "letter_shift_answer",
     "synthetic_preference_examples",
     "synthetic_prompts",
 ]
@@ -166,3 +171,61 @@ class TargetCharReward:
 
     def __repr__(self) -> str:
         return f"TargetCharReward(target={self.target!r}, length={self.length})"
+
+
+def letter_shift_answer(prompt: str, shift: int = 1, num_letters: int = 1) -> str:
+    """The exact answer of the letter-shift task: each of the prompt's last ``num_letters`` letters moved ``shift``
+    places along ``a..h`` (cyclic). ``"cbfg>"`` -> ``"h"`` (shift 1), ``"gh"`` (shift 1, two letters)."""
+    letters = [c for c in prompt if c in SYNTHETIC_ALPHABET]
+    if not letters:
+        raise ValueError(
+            f"letter_shift_answer: the prompt {prompt!r} has no letter from {SYNTHETIC_ALPHABET!r}; use prompts of "
+            "the letters task (synthetic_prompts)."
+        )
+    n = len(SYNTHETIC_ALPHABET)
+    return "".join(SYNTHETIC_ALPHABET[(SYNTHETIC_ALPHABET.index(c) + shift) % n] for c in letters[-num_letters:])
+
+
+class LetterShiftReward:
+    """Verifiable reward (TRL signature) of the letter-shift task, with an exact checker.
+
+    ``reward = #{i : completion[i] == answer[i]} / max(len(answer), len(completion))`` with ``answer =``
+    :func:`letter_shift_answer` of the prompt: exactly 1.0 for the exact answer and nothing else (EOS ends the
+    completion; special tokens are not part of the text), partial credit for a right prefix with extra characters,
+    0.0 for a wrong first letter. A uniformly random policy over the 14-token character vocabulary scores about
+    ``1/14 * P(EOS next)`` (~0.01-0.05); the maximum is 1.0.
+
+    Args:
+        shift: how many letters to move along ``a..h`` (0: copy the last letter).
+        num_letters: how many of the prompt's last letters to answer.
+    """
+
+    def __init__(self, shift: int = 1, num_letters: int = 1) -> None:
+        if isinstance(shift, bool) or not isinstance(shift, int):
+            raise ValueError(f"LetterShiftReward: `shift` must be an int, got {shift!r}.")
+        self.shift = shift
+        self.num_letters = _check_positive("LetterShiftReward", "num_letters", num_letters)
+        self.__name__ = "letter_shift"
+
+    @property
+    def max_reward(self) -> float:
+        return 1.0
+
+    def answer(self, prompt: str) -> str:
+        return letter_shift_answer(prompt, self.shift, self.num_letters)
+
+    def score(self, prompt: str, completion: str) -> float:
+        answer = self.answer(prompt)
+        hits = sum(a == c for a, c in zip(answer, completion))
+        return hits / max(len(answer), len(completion))
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **kwargs: object) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(
+                f"LetterShiftReward: got {len(prompts)} prompts for {len(completions)} completions; pass one prompt "
+                "per completion (repeat each prompt G times)."
+            )
+        return [self.score(p, c) for p, c in zip(prompts, completions)]
+
+    def __repr__(self) -> str:
+        return f"LetterShiftReward(shift={self.shift}, num_letters={self.num_letters})"

@@ -21,6 +21,7 @@ Notation:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -30,7 +31,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_llm.checkpoint import ResumableDataLoader
+from lightning_llm.checkpoint import ResumableDataLoader, load_checkpoint
 from lightning_llm.data._cache import atomic_torch_save, hash_json, hash_texts, resolve_cache_dir
 from lightning_llm.data.corpus import (
     EMBEDDED_CORPUS_VERSION,
@@ -41,7 +42,15 @@ from lightning_llm.data.corpus import (
 )
 from lightning_llm.data.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["IGNORE_INDEX", "PackedBlockDataset", "TextDataModule", "load_documents", "pack_documents"]
+__all__ = [
+    "IGNORE_INDEX",
+    "PackedBlockDataset",
+    "TextDataModule",
+    "diagnose_local_file",
+    "load_documents",
+    "load_local_file",
+    "pack_documents",
+]
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +139,8 @@ def _looks_like_path(name: str) -> bool:
     return Path(name).suffix.lower() in _LOCAL_SUFFIXES or name.startswith(("/", "./", "../", "~"))
 
 
-def _column_texts(ds: Any, text_column: str, where: str, strip_newlines: bool) -> list[str]:
-    """The non-empty strings of ``ds[text_column]``."""
+def _column_texts(ds: Any, text_column: str, where: str, strip_newlines: bool, local: bool = False) -> list[str]:
+    """The non-empty strings of ``ds[text_column]`` (``local``: a missing value is an error, not a skipped row)."""
     columns = list(getattr(ds, "column_names", []) or [])
     if text_column not in columns:
         raise ValueError(
@@ -139,9 +148,15 @@ def _column_texts(ds: Any, text_column: str, where: str, strip_newlines: bool) -
             "Set `text_column` to the column holding the text."
         )
     out: list[str] = []
-    for value in ds[text_column]:
+    for row, value in enumerate(ds[text_column]):
         if not isinstance(value, str):
             if value is None:
+                if local:
+                    raise ValueError(
+                        f"{where}: row {row} (0-based, blank lines not counted) has no {text_column!r} value (missing "
+                        f"or null); every row of a local file needs a string under {text_column!r}. Fix or remove that "
+                        "row, or set `text_column`."
+                    )
                 continue
             raise TypeError(
                 f"`text_column`={text_column!r} of {where} must hold strings, found {type(value).__name__}. "
@@ -193,7 +208,7 @@ def load_documents(
             )
         strip = builder == "text"
         kwargs: dict[str, Any] = {"sample_by": "paragraph"} if strip else {}
-        loaded = datasets.load_dataset(builder, data_files=str(path), cache_dir=hf_cache_dir, **kwargs)
+        loaded = load_local_file(path, dataset, cache_dir=hf_cache_dir, **kwargs)
     elif path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -204,7 +219,18 @@ def load_documents(
             suffixes = {p.suffix.lower() for p in files}
             strip = suffixes <= {".txt", ".text"}
             kwargs = {"sample_by": "paragraph"} if strip else {}
-            loaded = datasets.load_dataset(str(path), dataset_config, cache_dir=hf_cache_dir, **kwargs)
+            try:
+                loaded = datasets.load_dataset(str(path), dataset_config, cache_dir=hf_cache_dir, **kwargs)
+            except Exception as err:  # noqa: BLE001 - re-raised naming the file, the line and the fix
+                for file in sorted(files):
+                    if file.suffix.lower() in _LOCAL_SUFFIXES:
+                        problem = diagnose_local_file(file)
+                        if problem is not None:
+                            raise ValueError(f"`dataset`={dataset!r}: {problem}") from None
+                raise ValueError(
+                    f"`dataset`={dataset!r}: datasets.load_dataset could not read the directory "
+                    f"({_root_cause(err)}). Put .txt / .jsonl / .json files of one kind in it."
+                ) from None
     elif _looks_like_path(dataset):
         raise FileNotFoundError(
             f"`dataset`={dataset!r} looks like a local path but does not exist. Check the path, or pass "
@@ -229,11 +255,19 @@ def load_documents(
             "Set `train_split` (and `val_split`/`test_split`); local files give a single 'train' split."
         )
     train_name = train_split
-    texts = {
-        name: _column_texts(loaded[name], text_column, f"{dataset!r} split {name!r}", strip)
-        for name in {train_name, val_split, test_split}
-        if name in loaded
-    }
+    try:
+        texts = {
+            name: _column_texts(loaded[name], text_column, f"{dataset!r} split {name!r}", strip, local=path.exists())
+            for name in {train_name, val_split, test_split}
+            if name in loaded
+        }
+    except UnicodeDecodeError:  # pyarrow reads JSON strings without checking UTF-8, and fails only here
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        for file in files:
+            problem = diagnose_local_file(file) if file.suffix.lower() in _LOCAL_SUFFIXES else None
+            if problem is not None:
+                raise ValueError(f"`dataset`={dataset!r}: {problem}") from None
+        raise
     train_docs = texts[train_name]
     has_val, has_test = val_split in texts and val_split != train_name, test_split in texts and test_split != train_name
     if has_val and has_test:
@@ -248,6 +282,128 @@ def load_documents(
             "test": texts[test_split] if has_test else derived["test"],
         }
     return _check_nonempty(docs, dataset)
+
+
+_EXPECTED = {
+    "text": "UTF-8 text, documents separated by blank lines",
+    "jsonl": 'UTF-8 JSON Lines: one object per line, such as {"text": "..."}',
+    "json": 'UTF-8 JSON: a list of objects such as [{"text": "..."}], or JSON Lines',
+}
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception of a chain as one line (``datasets`` wraps the real error in its own)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+
+
+def diagnose_local_file(path: str | Path) -> str | None:
+    """What is wrong with a local ``.txt`` / ``.jsonl`` / ``.json`` data file, as one sentence naming the file, the
+    line (when there is one), what was expected and the fix; ``None`` when nothing is found.
+
+    Checks, in order: the file is not empty, every line is UTF-8, it holds some text; a ``.jsonl`` file holds one JSON
+    object per non-blank line; a ``.json`` file is one JSON document (a list of objects, or an object) or JSON Lines.
+    """
+    path = Path(path)
+    kind = {".jsonl": "jsonl", ".json": "json"}.get(path.suffix.lower(), "text")
+    expected = f"expected {_EXPECTED[kind]}"
+    where = f"local data file {str(path)!r}"
+    lines: list[str] = []
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                return (
+                    f"{where} is not UTF-8: line {number} (byte {offset + err.start}) holds {raw[err.start : err.start + 4]!r} "
+                    f"({err.reason}); {expected}. Re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OUT`."
+                )
+            offset += len(raw)
+    if not any(line.strip() for line in lines):
+        what = "is empty (0 bytes)" if offset == 0 else "holds only blank lines"
+        return f"{where} {what}; {expected}. Put data in it or pass another file."
+    if kind == "text":
+        return None
+    text = "".join(lines)
+    if kind == "json":
+        stripped = text.strip()
+        try:
+            document = json.loads(stripped)
+        except json.JSONDecodeError as err:
+            first = next(line for line in lines if line.strip())
+            try:  # a valid first line means JSON Lines, checked line by line below
+                json.loads(first)
+            except json.JSONDecodeError:
+                return (
+                    f"{where} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}; {expected}. Fix the "
+                    "JSON syntax there."
+                )
+        else:
+            if isinstance(document, list):
+                for index, row in enumerate(document):
+                    if not isinstance(row, dict):
+                        return (
+                            f"{where}: element {index} of the list is a {type(row).__name__}, not an object; "
+                            f"{expected}."
+                        )
+                return None if document else f"{where} holds an empty list; {expected}. Put rows in it."
+            if isinstance(document, dict):
+                return None
+            return f"{where} holds a JSON {type(document).__name__}; {expected}."
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            return (
+                f"{where}: line {number} is not valid JSON (column {err.colno}: {err.msg}); {expected}. Fix or remove "
+                "that line."
+            )
+        if not isinstance(row, dict):
+            return f"{where}: line {number} holds a JSON {type(row).__name__}, not an object; {expected}."
+    return None
+
+
+def load_local_file(path: str | Path, dataset: str | None = None, cache_dir: str | None = None, **kwargs: Any):
+    """``datasets.load_dataset`` of one local ``.txt`` / ``.jsonl`` / ``.json`` file (``**kwargs`` go to it), with
+    one clear ``ValueError`` naming the file, the line, what was expected and the fix instead of a
+    ``DatasetGenerationError`` when the file is empty, not UTF-8 or malformed (see :func:`diagnose_local_file`).
+
+    Returns:
+        The ``DatasetDict`` (one ``"train"`` split) that ``load_dataset`` returns, or the ``Dataset`` when ``split`` is
+        given in ``kwargs``.
+    """
+    import datasets
+
+    path = Path(path)
+    label = f"`dataset`={dataset if dataset is not None else str(path)!r}"
+    builder = _LOCAL_SUFFIXES.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"{label}: unsupported file type {path.suffix!r}; expected one of {sorted(_LOCAL_SUFFIXES)}.")
+    # a .json document is parsed strictly first: pyarrow's reader accepts some malformed files, keeping part of them
+    problem = diagnose_local_file(path) if path.suffix.lower() == ".json" else None
+    if problem is not None:
+        raise ValueError(f"{label}: {problem}")
+    try:
+        loaded = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir, **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised naming the file, the line and the fix
+        problem = diagnose_local_file(path)  # read only on failure: the happy path costs nothing extra
+        if problem is not None:
+            raise ValueError(f"{label}: {problem}") from None
+        kind = "text" if builder == "text" else path.suffix.lower().lstrip(".")
+        raise ValueError(
+            f"{label}: datasets.load_dataset({builder!r}) could not read {str(path)!r} ({_root_cause(err)}); "
+            f"expected {_EXPECTED[kind]}."
+        ) from None
+    if not sum(len(split) for split in (loaded.values() if isinstance(loaded, dict) else [loaded])):
+        problem = diagnose_local_file(path)  # e.g. only blank lines
+        if problem is not None:
+            raise ValueError(f"{label}: {problem}")
+    return loaded
 
 
 def _split_with_fallback(docs: list[str], val_fraction: float, test_fraction: float) -> dict[str, list[str]]:
@@ -280,6 +436,11 @@ def _split_with_fallback(docs: list[str], val_fraction: float, test_fraction: fl
 
 
 def _check_nonempty(docs: dict[str, list[str]], dataset: str) -> dict[str, list[str]]:
+    local = Path(dataset).expanduser()
+    if not docs.get("train") and dataset != "embedded" and local.is_file():
+        problem = diagnose_local_file(local)  # e.g. a file of blank lines: say so rather than "empty split"
+        if problem is not None:
+            raise ValueError(f"`dataset`={dataset!r}: {problem}")
     for split in SPLITS:
         if not docs.get(split):
             raise ValueError(
@@ -435,8 +596,8 @@ class TextDataModule(L.LightningDataModule):
             tokens = None
             if path.is_file():
                 try:
-                    tokens = torch.load(path, map_location="cpu", weights_only=True)["tokens"]
-                except Exception:  # noqa: BLE001 - a corrupt cache file is rebuilt
+                    tokens = load_checkpoint(path)["tokens"]  # weights_only: a planted cache file runs nothing
+                except Exception:  # noqa: BLE001 - a corrupt (or hostile) cache file is rebuilt
                     log.warning("Rebuilding unreadable token cache %s", path)
             if tokens is None:
                 tok = self.tokenizer

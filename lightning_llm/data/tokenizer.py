@@ -31,7 +31,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lightning_llm.data._cache import atomic_write_text, hash_texts, resolve_cache_dir
 
-__all__ = ["EOS_TOKEN", "SPECIAL_IDS_FILE", "Tokenizer", "load_tokenizer"]
+__all__ = ["EOS_TOKEN", "SPECIAL_IDS_FILE", "Tokenizer", "load_tokenizer", "tokenizer_from_state", "tokenizer_state"]
 
 #: The special token of the trained byte-level BPE (end of text, also used for padding), as in GPT-2.
 EOS_TOKEN = "<|endoftext|>"
@@ -499,3 +499,27 @@ def load_tokenizer(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return tok
+
+
+def tokenizer_state(tokenizer: Tokenizer | None) -> dict[str, Any] | None:
+    """The checkpoint entries that carry a tokenizer: ``{"tokenizer_json": tokenizer.to_str(),
+    "tokenizer_special_ids": tokenizer.special_ids}`` (plain strings and ints, safe under ``weights_only``);
+    ``None`` without a tokenizer."""
+    if tokenizer is None or not hasattr(tokenizer, "to_str"):
+        return None
+    return {"tokenizer_json": tokenizer.to_str(), "tokenizer_special_ids": dict(tokenizer.special_ids)}
+
+
+def tokenizer_from_state(state: dict[str, Any] | None) -> Tokenizer | None:
+    """Inverse of :func:`tokenizer_state`; ``state`` may be a whole checkpoint. ``None`` when none is stored.
+
+    Also reads the first RLHF modules' entry ``checkpoint["tokenizer"] = {"json", "eos_id", "bos_id", "pad_id"}``.
+    """
+    if not state:
+        return None
+    if isinstance(state.get("tokenizer_json"), str):
+        return Tokenizer.from_str(state["tokenizer_json"], **(state.get("tokenizer_special_ids") or {}))
+    legacy = state.get("tokenizer", state)
+    if not isinstance(legacy, dict) or "json" not in legacy:
+        return None
+    return Tokenizer.from_str(legacy["json"], eos_id=legacy["eos_id"], bos_id=legacy["bos_id"], pad_id=legacy["pad_id"])

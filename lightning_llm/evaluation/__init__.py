@@ -1,12 +1,25 @@
 """HELM-style evaluation suite: tasks, perturbations, the runner and the report.
 
-``python -m lightning_llm.evaluation --checkpoint PATH | --hf PATH [--config configs/eval/helm.yaml] --out DIR``.
+``lightning-llm evaluate --model PATH [--config configs/eval/helm.yaml] [--out DIR]`` on the command line,
+:func:`evaluate` in Python.
 """
 
-from lightning_llm.evaluation.lm import LanguageModel, load_model
+from lightning_llm._lazy import lazy_exports
+from lightning_llm.evaluation.lm import LanguageModel, resolve_model
 from lightning_llm.evaluation.perturbations import PERTURBATIONS, Perturbation, get_perturbation
 from lightning_llm.evaluation.report import plot_perplexity_vs_context, render_markdown, write_report
-from lightning_llm.evaluation.runner import DEFAULT_CONFIG, evaluate, load_config
+from lightning_llm.evaluation.runner import (
+    BiasPart,
+    EfficiencyPart,
+    EmbeddingsPart,
+    FairnessPart,
+    HarnessPart,
+    LambadaPart,
+    MultipleChoicePart,
+    PerplexityPart,
+    RobustnessPart,
+    evaluate,
+)
 from lightning_llm.evaluation.tasks import (
     MultipleChoiceExample,
     embedded_multiple_choice,
@@ -20,24 +33,35 @@ from lightning_llm.evaluation.tasks import (
 )
 
 __all__ = [
-    "DEFAULT_CONFIG",
     "PERTURBATIONS",
+    "BiasPart",
+    "EmbeddingsPart",
+    "HarnessLM",
+    "HarnessPart",
+    "EfficiencyPart",
+    "FairnessPart",
+    "LambadaPart",
     "LanguageModel",
     "MultipleChoiceExample",
+    "MultipleChoicePart",
+    "PerplexityPart",
     "Perturbation",
+    "RobustnessPart",
     "embedded_multiple_choice",
     "evaluate",
     "evaluate_lambada",
     "evaluate_multiple_choice",
     "get_perturbation",
-    "load_config",
-    "load_model",
     "load_multiple_choice",
     "perplexity_vs_context",
     "plot_perplexity_vs_context",
     "render_markdown",
+    "resolve_model",
     "rolling_nll",
     "score_continuations",
     "text_perplexity",
     "write_report",
 ]
+
+# HarnessLM imports lm-eval (an optional extra, slow to import): loaded on first access
+__getattr__, __dir__ = lazy_exports(__name__, {"HarnessLM": "lightning_llm.evaluation.harness"})

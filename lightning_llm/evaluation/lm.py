@@ -1,8 +1,10 @@
 """One interface over every causal LM the suite evaluates: ``logits(input_ids) -> (B, T, V)``.
 
-Accepted models: our :class:`~lightning_llm.nn.Transformer`, a :class:`~lightning_llm.modules.causal_lm.CausalLM`
-(from memory or a ``.ckpt``), a Hugging Face causal LM (in memory or a local directory / hub name), or any
-``nn.Module`` whose forward maps ``(B, T)`` ids to logits (or to an object with ``.logits``).
+Accepted models: a path, loaded by :func:`lightning_llm.loading.load_pretrained` (a Hugging Face directory, a
+``.ckpt`` of any of our LightningModules, a sharded checkpoint folder) into our
+:class:`~lightning_llm.nn.Transformer`; or a module in memory: our ``Transformer``, a LightningModule holding one
+(``CausalLM``, ``DPO``, ``PPO``...: the network under ``model`` / ``policy`` / ``backbone`` is used), a Hugging Face
+causal LM, or any ``nn.Module`` whose forward maps ``(B, T)`` ids to logits (or to an object with ``.logits``).
 
 Batches handed to :meth:`LanguageModel.logits` are RIGHT-padded: in a causal model no real token attends to a later
 pad, so no attention mask is needed and every model family is served the same way.
@@ -15,25 +17,47 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["LanguageModel", "load_model", "load_tokenizer_from_checkpoint"]
+from lightning_llm.loading import TRANSFORMER_PREFIXES, load_pretrained, resolve_dtype
+
+__all__ = ["LanguageModel", "LogitsModel", "resolve_model"]
+
+
+class LogitsModel(Protocol):
+    """A torch module whose forward maps ``(B, T)`` token ids to ``(B, T, V)`` next-token logits (or to an object
+    with a ``.logits`` attribute, as Hugging Face models return)."""
+
+    def forward(self, input_ids: torch.Tensor) -> Any: ...
+
+
+def _network(model: nn.Module) -> nn.Module:
+    """The network inside a LightningModule (the first of ``model``, ``policy``, ``backbone``), else ``model``."""
+    from lightning.pytorch import LightningModule
+
+    if isinstance(model, LightningModule):
+        for prefix in TRANSFORMER_PREFIXES:
+            inner = getattr(model, prefix.rstrip("."), None)
+            if isinstance(inner, nn.Module):
+                return inner
+    return model
 
 
 class LanguageModel:
     """A causal LM seen as ``logits(input_ids)``, with the facts the report needs (size, context length, FLOPs).
 
     Args:
-        model: the model (see the module docstring).
+        model: the model (see the module docstring); a LightningModule is unwrapped to the network it holds.
         device: where to run; default: the model's current device.
         max_length: longest input; default: the model's position limit (learned table / HF ``n_positions``), else
             unbounded (RoPE, ALiBi).
-        name: shown in the report.
+        name: shown in the report; default: the class name of ``model``.
 
     Attributes:
+        module: the network whose forward is called.
         forward_seconds, forward_tokens: time spent in, and tokens (``B * T``) fed to, forward passes so far.
     """
 
@@ -43,30 +67,25 @@ class LanguageModel:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"`model` must be a torch.nn.Module (Transformer, CausalLM, a Hugging Face causal LM), got "
-                f"{type(model).__name__}. Use `load_model(path)` for a checkpoint or a Hugging Face directory."
+                f"{type(model).__name__}. Use `resolve_model(path)` for a checkpoint or a Hugging Face directory."
             )
-        self.module = model
-        if device is not None:
-            model.to(device)
-        model.eval()
         self.name = name or type(model).__name__
+        self.module = _network(model)
+        if device is not None:
+            self.module.to(device)
+        self.module.eval()
         self.max_length = max_length if max_length is not None else self._position_limit()
         self.forward_seconds = 0.0
         self.forward_tokens = 0
 
     # ------------------------------------------------------------------ facts
     @property
-    def inner(self) -> nn.Module:
-        """The network itself (``CausalLM.model`` when wrapped)."""
-        inner = getattr(self.module, "model", None)
-        return inner if isinstance(inner, nn.Module) and hasattr(self.module, "hparams") else self.module
-
-    @property
     def kind(self) -> str:
-        inner = self.inner
-        if hasattr(inner, "config") and type(inner.config).__name__ == "TransformerConfig":
+        """``"lightning_llm"`` (our Transformer), ``"huggingface"`` or ``"module"``."""
+        cfg = getattr(self.module, "config", None)
+        if type(cfg).__name__ == "TransformerConfig":
             return "lightning_llm"
-        if hasattr(inner, "config") and hasattr(inner.config, "model_type"):
+        if hasattr(cfg, "model_type"):
             return "huggingface"
         return "module"
 
@@ -77,7 +96,7 @@ class LanguageModel:
         return torch.device("cpu")
 
     def _position_limit(self) -> int | None:
-        cfg = getattr(self.inner, "config", None)
+        cfg = getattr(self.module, "config", None)
         if cfg is None:
             return None
         if type(cfg).__name__ == "TransformerConfig":
@@ -93,13 +112,13 @@ class LanguageModel:
 
     def flops_per_token(self, seq_len: int) -> float | None:
         """Training FLOPs per token ``6N + 12 L H Q T`` (forward only is a third), when the architecture is known."""
-        cfg = getattr(self.inner, "config", None)
+        cfg = getattr(self.module, "config", None)
         if cfg is not None and hasattr(cfg, "flops_per_token"):
             return float(cfg.flops_per_token(seq_len))
         if cfg is not None and all(
             hasattr(cfg, k) for k in ("num_hidden_layers", "num_attention_heads", "hidden_size")
         ):
-            emb = sum(m.weight.numel() for m in self.inner.modules() if isinstance(m, nn.Embedding))
+            emb = sum(m.weight.numel() for m in self.module.modules() if isinstance(m, nn.Embedding))
             n = self.num_parameters() - emb
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             return float(6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len)
@@ -132,90 +151,53 @@ class LanguageModel:
         return out.float().cpu()
 
 
-# ---------------------------------------------------------------------------------------------------- loading
-def load_tokenizer_from_checkpoint(checkpoint: dict[str, Any]):
-    """The tokenizer stored in a CausalLM checkpoint (its JSON) or rebuilt from the saved data-module settings."""
-    from lightning_llm.data.tokenizer import Tokenizer
-
-    text = checkpoint.get("tokenizer_json")
-    if isinstance(text, str):
-        import tokenizers
-
-        backend = tokenizers.Tokenizer.from_str(text)
-        eos = checkpoint.get("tokenizer_special_ids", {}).get("eos_id")
-        if eos is None:
-            eos = Tokenizer._find_eos(backend, "checkpoint tokenizer")
-        return Tokenizer(backend, eos_id=eos)
-    dm_hparams = checkpoint.get("datamodule_hyper_parameters")
-    if isinstance(dm_hparams, dict) and "vocab_size" in dm_hparams and "dataset" in dm_hparams:
-        from lightning_llm.data.text import TextDataModule
-
-        known = {k: v for k, v in dm_hparams.items() if k in TextDataModule.__init__.__code__.co_varnames}
-        return TextDataModule(**known).tokenizer  # same documents + settings -> the same (cached) BPE
-    return None
-
-
-def load_model(
-    spec: nn.Module | str | os.PathLike,
+def resolve_model(
+    model: str | os.PathLike | nn.Module | LanguageModel,
     tokenizer: Any = None,
     device: str | torch.device | None = None,
-    hf: bool | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[LanguageModel, Any]:
-    """Resolve ``spec`` into a :class:`LanguageModel` and its tokenizer.
+    """``model`` (a path or a module) and ``tokenizer`` as a :class:`LanguageModel` and a tokenizer.
 
     Args:
-        spec: a module; a ``.ckpt`` file of :class:`~lightning_llm.modules.causal_lm.CausalLM`; or a Hugging Face
-            causal LM directory (``config.json``) or hub name (needs network).
-        tokenizer: a :class:`~lightning_llm.data.Tokenizer` or a path/hub name; default: the one that travels in the
-            checkpoint, or the Hugging Face model's own.
-        device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
-        hf: force (True) or forbid (False) the Hugging Face path for a string ``spec``.
+        model: a path for :func:`~lightning_llm.loading.load_pretrained`, a module (see the module docstring) or a
+            :class:`LanguageModel` (used as it is).
+        tokenizer: a :class:`~lightning_llm.data.Tokenizer`, or a tokenizer directory / Hugging Face name; default:
+            the one stored with the model (a checkpoint's, a Hugging Face directory's, a module's ``tokenizer``).
+        device: ``"cpu"``, ``"cuda"``...; default: CUDA when available (a :class:`LanguageModel` stays where it is).
+        dtype: parameter dtype (``"bfloat16"``, ``torch.float16``...); default: as loaded / as given.
 
     Returns:
-        ``(lm, tokenizer)``; ``tokenizer`` may be ``None`` for a bare module given without one.
+        ``(lm, tokenizer)``; ``tokenizer`` is ``None`` when none was given and none travels with the model.
     """
     from lightning_llm.data.tokenizer import Tokenizer
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(dtype)
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).expanduser().exists():
+            raise FileNotFoundError(
+                f"`model`={str(model)!r} does not exist; pass a Hugging Face model directory, a .ckpt file of a "
+                "lightning_llm module or a sharded checkpoint folder."
+            )
+        by_path = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        network, stored = load_pretrained(model, device=device, dtype=dtype, tokenizer=by_path)
+        return LanguageModel(network, name=Path(model).name), stored if tokenizer is None or by_path else tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer.from_pretrained(tokenizer)
-    if isinstance(spec, nn.Module):
-        if tokenizer is None:
-            tokenizer = getattr(spec, "tokenizer", None)
-        return LanguageModel(spec, device=device), tokenizer
-    if not isinstance(spec, (str, os.PathLike)):
+    if isinstance(model, LanguageModel):
+        for target in (device, dtype):
+            if target is not None:
+                model.module.to(target)
+        return model, tokenizer
+    if not isinstance(model, nn.Module):
         raise TypeError(
-            f"`model` must be an nn.Module, a .ckpt path or a Hugging Face model path, got {type(spec).__name__}."
+            f"`model` must be a path (a Hugging Face directory, a .ckpt file, a sharded checkpoint folder) or a "
+            f"torch.nn.Module, got {type(model).__name__}."
         )
-    path = Path(spec).expanduser()
-    is_ckpt = path.is_file() and hf is not True
-    if is_ckpt:
-        from lightning_llm.modules.causal_lm import CausalLM
-
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if "state_dict" not in checkpoint:
-            raise ValueError(f"`checkpoint`={str(path)!r} is not a Lightning checkpoint (no 'state_dict').")
-        module = CausalLM.load_from_checkpoint(path, map_location="cpu")
-        if tokenizer is None:
-            tokenizer = module.tokenizer if module.tokenizer is not None else load_tokenizer_from_checkpoint(checkpoint)
-        if tokenizer is None:
-            raise ValueError(
-                f"The checkpoint {str(path)!r} carries no tokenizer; pass the one it was trained with "
-                "(`--tokenizer DIR`, a directory saved by Tokenizer.save or a Hugging Face tokenizer)."
-            )
-        module.tokenizer = tokenizer
-        return LanguageModel(module, device=device, name=path.name), tokenizer
-    if hf is False:
-        raise FileNotFoundError(f"`checkpoint`={str(path)!r} does not exist.")
-    if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(
-            f"`hf`={str(path)!r} is a directory without config.json: not a Hugging Face model. Save one with "
-            "`model.save_pretrained(dir)` (and its tokenizer with `tokenizer.save_pretrained(dir)`)."
-        )
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(spec)).float()
     if tokenizer is None:
-        tokenizer = Tokenizer.from_pretrained(str(path) if path.exists() else str(spec))
-    return LanguageModel(model, device=device, name=str(spec)), tokenizer
+        tokenizer = getattr(model, "tokenizer", None)
+    if dtype is not None:
+        model.to(dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return LanguageModel(model, device=device), tokenizer

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 __all__ = [
     "CONTRACTIONS",
@@ -309,9 +309,3 @@ GROUPS: dict[str, tuple[str, ...]] = {
 def get_perturbation(name: str, seed: int = 0) -> Perturbation:
     """The :class:`Perturbation` called ``name``."""
     return Perturbation(name, seed)
-
-
-def perturb_all(texts: Sequence[str], name: str, seed: int = 0) -> list[str]:
-    """Apply one perturbation to every text."""
-    p = Perturbation(name, seed)
-    return [p(t) for t in texts]

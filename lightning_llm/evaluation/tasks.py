@@ -10,8 +10,9 @@ Definitions follow lm-evaluation-harness:
   text token is scored; windows of ``max_length`` inputs start every ``stride`` tokens and score only the targets no
   earlier window scored (the Hugging Face "perplexity of fixed-length models" recipe; ``stride == max_length`` is
   non-overlapping chunks). ``bits_per_byte = NLL / (ln 2 * UTF-8 bytes of the text)``.
-* **LAMBADA** (``lambada_openai``): split and encoded by :func:`lightning_llm.data.lambada.encode_lambada`;
-  ``acc`` = all target tokens greedy, ``ppl = exp(-mean summed target log-probability)``.
+* **LAMBADA** (``lambada_openai``): split and encoded by :func:`lightning_llm.data.lambada.encode_lambada`, scored by
+  the LAMBADA metric's ``lambada_update`` / ``lambada_compute``: ``acc`` = all target tokens greedy,
+  ``ppl = exp(-mean summed target log-probability)``.
 * **Multiple choice** scored per choice (``context = question``, ``continuation = " " + choice``): ``acc`` picks the
   highest summed log-probability, ``acc_norm`` the highest per UTF-8 byte (harness ``acc_norm``); the HELM
   confidence is the max softmax over the choices' (length-normalised) log-probabilities, and its calibration is
@@ -34,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from lightning_llm.ops import IGNORE_INDEX, token_logprobs
 
 __all__ = [
     "ContinuationScore",
@@ -49,6 +51,7 @@ __all__ = [
     "perplexity_vs_context",
     "rolling_nll",
     "score_continuations",
+    "score_lambada",
     "text_perplexity",
 ]
 
@@ -66,6 +69,14 @@ def _logits_fn(lm: Any) -> LogitsFn:
 def _prefix_id(tokenizer: Any) -> int:
     bos = getattr(tokenizer, "bos_id", None)
     return bos if bos is not None else tokenizer.eos_id
+
+
+def _encode_text(tokenizer: Any, texts: Sequence[str], max_chars: int | None) -> tuple[str, list[int]]:
+    """``"\n\n".join(texts)`` (first ``max_chars`` characters) and its ids after the bos (or eos) prefix."""
+    text = "\n\n".join(texts)[:max_chars]
+    if not text:
+        raise ValueError("`texts` is empty: nothing to score. Pass at least one non-empty document.")
+    return text, [_prefix_id(tokenizer), *tokenizer.encode(text)]
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -88,10 +99,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
         >>> tok.decode(cont)
         ' sat'
     """
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
+    from lightning_llm.data.lambada import move_trailing_spaces
+
+    context, continuation = move_trailing_spaces(context, continuation)
     if not context:
         return [_prefix_id(tokenizer)], tokenizer.encode(continuation)
     whole = tokenizer.encode(context + continuation)
@@ -131,24 +141,18 @@ def score_continuations(
             raise ValueError(
                 f"requests[{i}]: max_length={max_length} leaves no context before its {len(cont)} continuation tokens."
             )
-        rows.append((i, inp, list(cont)))
-    order = sorted(rows, key=lambda r: -len(r[1]))
+        rows.append({"index": i, "input_ids": inp, "target_ids": list(cont), "target_start": len(inp) - len(cont)})
+    from lightning_llm.data.lambada import collate_lambada
+    from lightning_llm.metrics.functional.lambada import lambada_update
+
+    order = sorted(rows, key=lambda r: -len(r["input_ids"]))
     out: list[ContinuationScore | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(r[1]) for r in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        for b, (_, inp, _) in enumerate(chunk):
-            ids[b, : len(inp)] = torch.tensor(inp)
-        logits = logits_fn(ids)  # (B, T, V)
-        for b, (i, inp, cont) in enumerate(chunk):
-            k = len(cont)
-            pos = slice(len(inp) - k, len(inp))
-            logp = F.log_softmax(logits[b, pos].float(), dim=-1)  # (k, V)
-            target = torch.tensor(cont)
-            lp = float(logp.gather(1, target[:, None]).sum())
-            greedy = bool((logp.argmax(-1) == target).all())
-            out[i] = ContinuationScore(lp, greedy, k)
+        batch = collate_lambada(order[start : start + batch_size], pad_id)  # right-padded, IGNORE_INDEX off target
+        logits = logits_fn(batch["input_ids"])  # (B, T, V)
+        greedy, logprob = lambada_update(logits, batch["targets"].to(logits.device), IGNORE_INDEX)  # (B,), (B,)
+        for b, i in enumerate(batch["index"].tolist()):
+            out[i] = ContinuationScore(float(logprob[b]), bool(greedy[b]), len(rows[i]["target_ids"]))
     return out  # type: ignore[return-value]
 
 
@@ -188,7 +192,8 @@ def rolling_nll(
             chunk = same[start : start + batch_size]
             inp = torch.stack([ids[w[0] : w[0] + length] for w in chunk])  # (B, L)
             tgt = torch.stack([ids[w[0] + 1 : w[0] + length + 1] for w in chunk])  # (B, L)
-            logp = F.log_softmax(logits_fn(inp).float(), dim=-1).gather(-1, tgt[..., None]).squeeze(-1)  # (B, L)
+            logits = logits_fn(inp)  # (B, L, V)
+            logp = token_logprobs(logits, tgt.to(logits.device))  # (B, L)
             for b, w in enumerate(chunk):
                 nll -= float(logp[b, w[2] :].double().sum())
                 count += length - w[2]
@@ -209,12 +214,7 @@ def text_perplexity(
     Returns:
         ``{"ppl", "bits_per_byte", "nll", "tokens", "bytes", "max_length", "stride"}``.
     """
-    text = "\n\n".join(texts)
-    if max_chars is not None:
-        text = text[:max_chars]
-    if not text:
-        raise ValueError("`texts` is empty: nothing to score. Pass at least one non-empty document.")
-    ids = [_prefix_id(tokenizer), *tokenizer.encode(text)]
+    text, ids = _encode_text(tokenizer, texts, max_chars)
     nll, count = rolling_nll(lm, ids, max_length, stride, batch_size)
     n_bytes = len(text.encode("utf-8"))
     return {
@@ -237,8 +237,7 @@ def perplexity_vs_context(
     max_chars: int | None = None,
 ) -> dict[int, float]:
     """Perplexity in non-overlapping windows of each length (the ALiBi paper's evaluation): ``{L: ppl}``."""
-    text = "\n\n".join(texts)[:max_chars] if max_chars else "\n\n".join(texts)
-    ids = [_prefix_id(tokenizer), *tokenizer.encode(text)]
+    _, ids = _encode_text(tokenizer, texts, max_chars)
     out = {}
     for length in lengths:
         nll, count = rolling_nll(lm, ids, int(length), int(length), batch_size)
@@ -295,13 +294,22 @@ def evaluate_lambada(
 
     max_length = max_length or getattr(lm, "max_length", None) or 2048
     examples = encode_lambada(list(texts), tokenizer, max_length)
-    scores = score_continuations(
-        lm, [(ex["context_ids"], ex["target_ids"]) for ex in examples], max_length, batch_size, tokenizer.pad_id
-    )
-    n = len(scores)
-    acc = sum(s.greedy for s in scores) / n
-    ppl = math.exp(-sum(s.logprob for s in scores) / n)
-    return {"acc": acc, "ppl": ppl, "n": n}
+    return {**score_lambada(lm, examples, max_length, batch_size, tokenizer.pad_id), "n": len(examples)}
+
+
+def score_lambada(
+    lm: Any, examples: Sequence[dict[str, Any]], max_length: int | None = None, batch_size: int = 16, pad_id: int = 0
+) -> dict[str, float]:
+    """``{"acc", "ppl"}`` of passages encoded by :func:`~lightning_llm.data.lambada.encode_lambada`: each is scored by
+    :func:`score_continuations` (the LAMBADA metric's own ``lambada_update``), the results reduced by its
+    ``lambada_compute``."""
+    from lightning_llm.metrics.functional.lambada import lambada_compute
+
+    pairs = [(ex["context_ids"], ex["target_ids"]) for ex in examples]
+    scores = score_continuations(lm, pairs, max_length, batch_size, pad_id)
+    correct = torch.tensor(sum(s.greedy for s in scores))
+    logprob_sum = torch.tensor(sum(s.logprob for s in scores), dtype=torch.float64)
+    return {k: float(v) for k, v in lambada_compute(correct, logprob_sum, torch.tensor(len(scores))).items()}
 
 
 # ---------------------------------------------------------------------------------------------------- multiple choice

@@ -25,7 +25,13 @@ def _keep64(value: object) -> object:
 
 
 class Float64StateMetric(Metric):
-    """A ``Metric`` whose floating-point states are always float64 (unless changed with ``set_dtype``)."""
+    """A ``Metric`` whose floating-point states are always float64 (unless changed with ``set_dtype``).
+
+    Every state is a sum (or a fixed-size tensor of sums), so ``forward`` never needs the full state:
+    ``full_state_update = False`` for all subclasses.
+    """
+
+    full_state_update = False
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> Module:
         this = super()._apply(fn, exclude_state)

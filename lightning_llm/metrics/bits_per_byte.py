@@ -34,7 +34,6 @@ class BitsPerByte(_TokenNLLMetric):
 
     is_differentiable = True
     higher_is_better = False
-    full_state_update = False
     _extra_states: ClassVar[dict[str, torch.dtype]] = {"num_bytes": torch.int64}
     num_bytes: Tensor
 
@@ -55,7 +54,7 @@ class BitsPerByte(_TokenNLLMetric):
             )
         batch = logits.shape[0] if logits is not None else (logprobs.shape[0] if logprobs is not None else None)
         n_bytes = _check_num_bytes(num_bytes, batch)
-        self._add_nll(logits, target, logprobs, mask)
+        super().update(logits, target, logprobs=logprobs, mask=mask)
         self.num_bytes += n_bytes.to(self.num_bytes.device)
 
     def compute(self) -> Tensor:

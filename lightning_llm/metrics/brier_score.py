@@ -28,7 +28,6 @@ class BrierScore(Float64StateMetric):
 
     is_differentiable = False
     higher_is_better = False
-    full_state_update = False
     sum_squared_error: Tensor
     n: Tensor
 

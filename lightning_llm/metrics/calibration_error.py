@@ -34,7 +34,6 @@ class ExpectedCalibrationError(Float64StateMetric):
 
     is_differentiable = False
     higher_is_better = False
-    full_state_update = False
     bin_count: Tensor
     bin_conf_sum: Tensor
     bin_correct_sum: Tensor

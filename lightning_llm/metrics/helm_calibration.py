@@ -41,7 +41,6 @@ class HELMCalibration(Float64StateMetric):
 
     is_differentiable = False
     higher_is_better = False
-    full_state_update = False
     confidence: list[Tensor]
     correct: list[Tensor]
 
@@ -57,6 +56,14 @@ class HELMCalibration(Float64StateMetric):
         conf, corr = _check_confidence_correct(confidence, correct)
         self.confidence.append(conf)
         self.correct.append(corr)
+
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        """Every rank must take part in the gather of a list state: a rank that saw no instance adds an empty one
+        (torchmetrics gathers a list state element by element, so an empty list would skip the collective)."""
+        if isinstance(self.confidence, list) and not self.confidence:
+            self.confidence.append(torch.zeros(0, dtype=torch.float64, device=self.device))
+            self.correct.append(torch.zeros(0, dtype=torch.float64, device=self.device))
+        super().sync(*args, **kwargs)
 
     def _gathered(self) -> tuple[Tensor, Tensor]:
         if isinstance(self.confidence, list) and not self.confidence:

@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_llm.metrics._base import Float64StateMetric
 from lightning_llm.metrics.functional._checks import _check_ignore_index
 from lightning_llm.metrics.functional.lambada import lambada_compute, lambada_update
+from lightning_llm.ops import IGNORE_INDEX
 
 
 class LambadaAccuracy(Float64StateMetric):
@@ -41,13 +42,16 @@ class LambadaAccuracy(Float64StateMetric):
 
     is_differentiable = False
     higher_is_better = True  # for "acc"; lower "ppl" is better
-    full_state_update = False
     correct: Tensor
     logprob_sum: Tensor
     n: Tensor
 
     def __init__(
-        self, ignore_index: int = -100, chunk_bytes: int | None = None, validate_args: bool = True, **kwargs: Any
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        chunk_bytes: int | None = None,
+        validate_args: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _check_ignore_index(ignore_index)

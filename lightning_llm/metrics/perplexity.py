@@ -72,8 +72,13 @@ class _TokenNLLMetric(Float64StateMetric):
         self.validate_args = validate_args
         self._add_sum_states(nll_sum=torch.float64, **self._extra_states, count=torch.int64)
 
-    def _add_nll(
-        self, logits: Tensor | None, target: Tensor | None, logprobs: Tensor | None, mask: Tensor | None
+    def update(
+        self,
+        logits: Tensor | None = None,
+        target: Tensor | None = None,
+        *,
+        logprobs: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> None:
         """Add the NLL sum and scored-token count of a batch given as ``(logits, target)`` or ``logprobs=``/``mask=``."""
         nll_sum, count = _nll_and_count(
@@ -114,18 +119,6 @@ class Perplexity(_TokenNLLMetric):
 
     is_differentiable = True
     higher_is_better = False
-    full_state_update = False
-
-    def update(
-        self,
-        logits: Tensor | None = None,
-        target: Tensor | None = None,
-        *,
-        logprobs: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> None:
-        """Add the NLL and token count of a batch."""
-        self._add_nll(logits, target, logprobs, mask)
 
     def compute(self) -> Tensor:
         """Perplexity (float64 scalar); raises ``ValueError`` if no token was scored."""

@@ -1,4 +1,5 @@
-"""``CausalLM``: thin Lightning glue around a :class:`~lightning_llm.nn.Transformer` or a Hugging Face causal LM.
+"""``CausalLM``: thin Lightning glue around a :class:`~lightning_llm.nn.Transformer` (next-token training, evaluation
+and sampling), on the shared :class:`~lightning_llm.modules.base.LLMModule`.
 
 Batches are dicts from the data modules: ``input_ids`` ``(B, T)``, ``targets`` ``(B, T)`` (the next token at each
 position, ``-100`` where not scored) and optionally ``attention_mask``.
@@ -6,180 +7,114 @@ position, ``-100`` where not scored) and optionally ``attention_mask``.
 
 from __future__ import annotations
 
-import inspect
-import math
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_llm.config import TransformerConfig
 from lightning_llm.metrics import LambadaAccuracy, Perplexity
+from lightning_llm.modules.base import LLMModule
+from lightning_llm.nn.generation import check_sampling
 from lightning_llm.nn.transformer import Transformer
+from lightning_llm.ops import IGNORE_INDEX, token_logprobs
 
-IGNORE_INDEX = -100
-
-# checkpoints store the config dataclass in `hyper_parameters`; allow it under torch.load(weights_only=True) (resume)
-torch.serialization.add_safe_globals([TransformerConfig])
+__all__ = ["CausalLM"]
 
 
-def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1):
-    """Multiplier for ``LambdaLR``: linear warmup from 0 to 1 over ``warmup_steps``, then cosine to ``min_lr_ratio``."""
-
-    def fn(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
-
-
-class CausalLM(L.LightningModule):
+class CausalLM(LLMModule):
     """Train, evaluate and sample from a causal language model.
 
     Args:
-        config: architecture of a model built here (ignored when ``pretrained`` is given).
-        pretrained: a local path (or hub name, when online) of a Hugging Face causal LM to train or evaluate instead.
-        convert_pretrained: convert the Hugging Face model into our :class:`Transformer` (faster, KV cache, sharding
-            presets) instead of running the Hugging Face module as is.
-        vocab_size: overrides ``config.vocab_size``; the CLI links it to the data module's tokenizer.
-        learning_rate, weight_decay, betas: AdamW settings (used when ``optimizer`` is not given). Weight decay is applied
-            to matrices only, never to norms, biases or embeddings' bias-like vectors.
-        warmup_steps, min_lr_ratio: linear warmup then cosine decay to ``min_lr_ratio * lr`` over the run
-            (``trainer.estimated_stepping_batches``), used when ``scheduler`` is not given.
-        optimizer, scheduler: callables from the CLI (``class_path`` of any torch optimizer / scheduler) that replace the
-            defaults.
         eval_task: ``"perplexity"`` for text, ``"lambada"`` to score LAMBADA batches (``test/lambada_acc``,
             ``test/lambada_ppl``).
         generation: keyword arguments of :func:`lightning_llm.nn.generate` used by ``predict_step``.
-        compile: wrap the model in ``torch.compile`` (single device; the FSDP2 presets compile per block instead).
+        **kwargs: the shared arguments of :class:`~lightning_llm.modules.base.LLMModule`: ``config`` or
+            ``pretrained`` (a Hugging Face directory or a checkpoint of ours), ``vocab_size``, ``dtype``, the
+            optimiser (AdamW, lr 3e-4, weight decay 0.1 on matrices, 100 warmup steps, cosine decay by default),
+            ``compile`` and ``parallel``.
     """
+
+    defaults: ClassVar[dict[str, Any]] = {"learning_rate": 3e-4, "weight_decay": 0.1, "warmup_steps": 100}
 
     def __init__(
         self,
         config: TransformerConfig | None = None,
-        pretrained: str | None = None,
-        convert_pretrained: bool = False,
-        vocab_size: int | None = None,
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
         eval_task: Literal["perplexity", "lambada"] = "perplexity",
         generation: dict[str, Any] | None = None,
-        compile: bool = False,
-        parallel: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        if config is None and pretrained is None:
-            config = TransformerConfig()
-        if config is not None and vocab_size is not None and vocab_size != config.vocab_size:
-            config = TransformerConfig.from_dict(
-                {**config.to_dict(), "vocab_size": vocab_size, "padded_vocab_size": None}
-            )
-        self.config = config
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
-        self.model: torch.nn.Module | None = None
-        self.tokenizer = None
-        self.is_hf = pretrained is not None and not convert_pretrained
+        super().__init__(config=config, **kwargs)
+        if eval_task not in ("perplexity", "lambada"):
+            raise ValueError(f"CausalLM: `eval_task` must be 'perplexity' or 'lambada', got {eval_task!r}.")
+        generation = dict(generation or {})
+        check_sampling(**{k: generation[k] for k in ("temperature", "top_k", "top_p") if k in generation})
+        self.model: Transformer | None = None
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_lambada = LambadaAccuracy(ignore_index=IGNORE_INDEX) if eval_task == "lambada" else None
         self._last_step_time: float | None = None
 
     # -------------------------------------------------------------------------------------------------- building
-    def configure_model(self) -> None:
-        """Build the model (idempotent). Under a sharding strategy this runs inside its init context (meta device)."""
-        if self.model is not None:
-            return
-        hp = self.hparams
-        if hp.pretrained is not None:
-            from transformers import AutoModelForCausalLM
+    def build(self) -> None:
+        self.model = self.build_backbone()
 
-            hf_model = AutoModelForCausalLM.from_pretrained(hp.pretrained, torch_dtype=torch.float32)
-            if hp.convert_pretrained:
-                from lightning_llm.hf import from_hf
-
-                self.model = from_hf(hf_model)
-                self.config = self.model.config
-            else:
-                self.model = hf_model
-            if hp.vocab_size is not None and hp.vocab_size > self.vocab_size:
-                raise ValueError(
-                    f"The tokenizer has {hp.vocab_size} tokens but the pretrained model {hp.pretrained!r} only "
-                    f"{self.vocab_size}; use the model's own tokenizer (data tokenizer={hp.pretrained!r})."
-                )
-        else:
-            self.model = Transformer(self.config)
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 / tensor parallel
-            from lightning_llm.strategies import parallelize
-
-            strategy = self._trainer.strategy if self._trainer is not None else None
-            options = {**getattr(strategy, "parallelize_kwargs", {}), **(hp.parallel or {})}  # module's win
-            parallelize(self.model, self.device_mesh, **options)
-        elif hp.compile:
-            self.model = torch.compile(self.model)
+    def transformers(self) -> list[torch.nn.Module]:
+        return [self.model]
 
     @property
     def vocab_size(self) -> int:
-        if self.is_hf:
-            return self.model.config.vocab_size
-        return self.config.vocab_size
+        return self._ensure_model().config.vocab_size
 
-    def _ensure_model(self) -> torch.nn.Module:
+    def _ensure_model(self) -> Transformer:
         if self.model is None:
             self.configure_model()
         return self.model
 
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
-            n = getattr(tokenizer, "vocab_size", None)
-            if n is not None and not self.is_hf and n > self.config.vocab_size:
-                raise ValueError(
-                    f"Tokenizer/model vocabulary mismatch: the tokenizer has {n} tokens but the model's vocab_size is "
-                    f"{self.config.vocab_size}. Set model vocab_size={n} (the CLI links it from data.vocab_size)."
-                )
-
     # -------------------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, T, V)``."""
-        model = self._ensure_model()
-        if self.is_hf:
-            return model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return model(input_ids, attention_mask=attention_mask)
+        return self._ensure_model()(input_ids, attention_mask=attention_mask)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token cross-entropy over scored targets, without a full float32 copy of the logits."""
+        """Mean next-token cross-entropy over scored targets, without a full float32 copy of the logits.
+
+        Under pipeline parallelism (:class:`~lightning_llm.parallel.PipelineStrategy`) this runs the schedule's forward
+        AND backward and returns the detached loss of the whole batch (the strategy then skips Lightning's backward).
+        """
         model = self._ensure_model()
-        if self.is_hf:
-            logits = self(batch["input_ids"], batch.get("attention_mask"))
-            return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
+        pipeline = self._pipeline()
+        if pipeline is not None:
+            _check_no_padding(batch)
+            return pipeline.train_step(batch["input_ids"], batch["targets"])
         return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), targets=batch["targets"])
+
+    def _pipeline(self) -> Any:
+        """The :class:`~lightning_llm.parallel.PipelineRunner` of a pipeline-split model, else ``None``."""
+        return getattr(self.model, "pipeline", None)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Lightning zeroes gradients after ``training_step``; a pipeline step has produced them by then, so the
+        gradients are zeroed before the step instead (in :meth:`training_step`)."""
+        if self._pipeline() is None:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     # -------------------------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._pipeline() is not None and self._trainer is not None:
+            for optimizer in self.trainer.optimizers:  # see optimizer_zero_grad
+                optimizer.zero_grad(set_to_none=True)
         loss = self.loss(batch)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/ppl", torch.exp(loss.detach()), batch_size=bs)
         now = time.perf_counter()
         if self._last_step_time is not None:
-            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            sampler = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+            tokens = batch["input_ids"].numel() * sampler.get("num_replicas", self.trainer.world_size)  # data replicas
             self.log("train/tokens_per_sec", tokens / max(now - self._last_step_time, 1e-9), batch_size=bs)
         self._last_step_time = now
-        if self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        self.log_lr(bs)
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -190,31 +125,41 @@ class CausalLM(L.LightningModule):
 
         Returns ``(logits (B, P, V), targets (B, P))``, P = positions with a target in any row. The output head runs
         on P positions instead of T (LAMBADA: a few instead of ~100, and the head dominates a small model's cost);
-        every target's logits are those of the full forward. Falls back to the full logits for a sharded or compiled
-        model, or a Hugging Face model without ``logits_to_keep``.
+        every target's logits are those of the full forward. Falls back to the full logits for a sharded model.
         """
         input_ids, mask, targets = batch["input_ids"], batch.get("attention_mask"), batch["targets"]
         keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (P,)
         model = self._ensure_model()
-        if self.is_hf:
-            if "logits_to_keep" in inspect.signature(model.forward).parameters:
-                return model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits, targets[:, keep]
-        elif isinstance(model, Transformer) and not hasattr(model.output_weight, "device_mesh"):
-            hidden = model(input_ids, attention_mask=mask, return_hidden=True)[:, keep]  # (B, P, C)
-            return model.logits(hidden), targets[:, keep]  # (B, P, V)
-        return self(input_ids, mask)[:, keep], targets[:, keep]
+        if hasattr(model.output_weight, "device_mesh"):
+            return self(input_ids, mask)[:, keep], targets[:, keep]
+        hidden = model(input_ids, attention_mask=mask, return_hidden=True)[:, keep]  # (B, P, C)
+        return model.logits(hidden), targets[:, keep]  # (B, P, V)
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """Perplexity (a Metric, exact under DDP) and the mean loss, from ONE log-softmax of the logits."""
         if stage == "test" and self.test_lambada is not None:
             self.test_lambada.update(*self.target_logits(batch))
             return
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
         targets = batch["targets"]
         bs = targets.shape[0]
+        mask = targets != IGNORE_INDEX
+        pipeline = self._pipeline()
+        if pipeline is None:
+            logits = self(batch["input_ids"], batch.get("attention_mask"))
+            logprobs = token_logprobs(logits, targets, ignore_index=IGNORE_INDEX)  # (B, T) float32, 0 where ignored
+        else:  # forward-only through the pipeline: logits exist on the last stage only
+            _check_no_padding(batch)
+            logits = pipeline.eval_logits(batch["input_ids"])
+            if logits is None:  # not the last stage: add nothing to the metric's sums, receive the loss below
+                logprobs, mask = torch.zeros(targets.shape, device=targets.device), torch.zeros_like(mask)
+            else:
+                logprobs = token_logprobs(logits, targets, ignore_index=IGNORE_INDEX)
         metric = self.val_ppl if stage == "val" else self.test_ppl
-        metric.update(logits, targets)
+        metric.update(logprobs=logprobs, mask=mask)  # sum states: synced over all ranks, last stages hold the sums
         self.log(f"{stage}/ppl", metric, prog_bar=stage == "val", batch_size=bs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = -logprobs.sum() / mask.sum().clamp(min=1)
+        if pipeline is not None:
+            loss = pipeline.broadcast_from_last(loss)
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=bs)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -232,8 +177,6 @@ class CausalLM(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         """Generate from ``batch["prompt_ids"]`` (lists of token ids) and decode with the data module's tokenizer."""
-        if self.is_hf:
-            raise NotImplementedError("predict with an unconverted Hugging Face model: set convert_pretrained=true.")
         kwargs = dict(self.hparams.generation or {})
         if self.tokenizer is not None:
             kwargs.setdefault("eos_id", self.tokenizer.eos_id)
@@ -246,42 +189,11 @@ class CausalLM(L.LightningModule):
             results.append({"prompt": prompt, "completion": text})
         return results
 
-    # -------------------------------------------------------------------------------------------------- optimisation
-    def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_fn is not None:
-            optimizer = self.optimizer_fn(params)
-        else:
-            decay = [p for p in params if p.dim() >= 2]
-            no_decay = [p for p in params if p.dim() < 2]
-            groups = [
-                {"params": decay, "weight_decay": hp.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ]
-            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
-        if self.scheduler_fn is not None:
-            scheduler = self.scheduler_fn(optimizer)
-        else:
-            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
-            warmup = min(hp.warmup_steps, max(0, total // 2))
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, warmup_cosine_lambda(warmup, total, hp.min_lr_ratio)
-            )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # -------------------------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store what is needed to rebuild model and tokenizer: the config dict, the tokenizer's JSON and special ids."""
-        if self.config is not None:
-            checkpoint["transformer_config"] = self.config.to_dict()
-        if self.tokenizer is not None and hasattr(self.tokenizer, "to_str"):
-            checkpoint["tokenizer_json"] = self.tokenizer.to_str()
-            checkpoint["tokenizer_special_ids"] = dict(self.tokenizer.special_ids)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "tokenizer_json" in checkpoint and self.tokenizer is None:
-            from lightning_llm.data.tokenizer import Tokenizer
-
-            special = checkpoint.get("tokenizer_special_ids", {})
-            self.tokenizer = Tokenizer.from_str(checkpoint["tokenizer_json"], **special)
+def _check_no_padding(batch: dict[str, torch.Tensor]) -> None:
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError(
+            "Pipeline parallelism passes only hidden states between stages and does not support padded batches "
+            "(an attention_mask with zeros); use packed blocks (TextDataModule) or FSDP2 / DDP for padded data."
+        )

@@ -32,29 +32,17 @@ Notation: B prompts per rollout, P padded prompt length, N new tokens, V vocabul
 from __future__ import annotations
 
 import csv
-import importlib
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from lightning_llm.config import TransformerConfig
-from lightning_llm.data.tokenizer import Tokenizer
-from lightning_llm.modules._common import (
-    adamw,
-    build_transformer,
-    copy_module,
-    frozen_copy,
-    restore_tokenizer,
-    save_model_state,
-    take_datamodule_tokenizer,
-)
+from lightning_llm.modules.base import LLMModule, frozen_copy
 from lightning_llm.modules.reward_model import RewardModel
-from lightning_llm.nn.generation import generate
+from lightning_llm.nn.generation import check_sampling, generate
 from lightning_llm.nn.heads import ScalarHead
 from lightning_llm.rlhf import (
     AdaptiveKLController,
@@ -69,100 +57,16 @@ from lightning_llm.rlhf import (
     sequence_logprobs,
     value_loss,
 )
+from lightning_llm.rlhf.rewards import resolve_reward_function, weighted_reward_scores
+from lightning_llm.rlhf.rollout import Rollout
 
-__all__ = ["PPO", "Rollout", "resolve_reward_function"]
-
-RewardFunction = Callable[..., Sequence[float]]
-
-
-def resolve_reward_function(spec: Any) -> RewardFunction:
-    """A reward function from a callable, an import path ``"package.module.function"``, or a
-    ``{"class_path": ..., "init_args": {...}}`` dict (how the CLI passes an object)."""
-    if callable(spec):
-        return spec
-    if isinstance(spec, str) and "." in spec:
-        module, _, name = spec.rpartition(".")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"reward function {spec!r} could not be imported: {err}.") from err
-        if not callable(fn):
-            raise TypeError(f"reward function {spec!r} is not callable.")
-        return fn
-    if isinstance(spec, dict) and "class_path" in spec:
-        cls = resolve_reward_function(spec["class_path"])
-        return cls(**(spec.get("init_args") or {}))
-    raise TypeError(
-        f"A reward function must be a callable `fn(prompts, completions, **kwargs) -> list[float]`, an import path "
-        f"string or a {{'class_path', 'init_args'}} dict; got {spec!r}."
-    )
+__all__ = ["PPO"]
 
 
-def _fn_name(fn: Any) -> str:
-    return getattr(fn, "__name__", None) or type(fn).__name__
-
-
-@dataclass
-class Rollout:
-    """One batch of experience (all tensors are detached).
-
-    Attributes:
-        sequences: ``(B, P + N)`` left-padded prompts then responses; ``attention_mask`` the same shape.
-        prompt_length: P. ``response_mask``: ``(B, N)`` bool, True on generated tokens up to and including EOS.
-        logprobs, ref_logprobs, values: ``(B, N)`` under the sampling policy, the reference, the value model.
-        scores: ``(B,)`` sequence scores (after the missing-EOS penalty). ``rewards``, ``kl``: ``(B, N)`` from
-        :func:`kl_penalized_rewards`. ``advantages`` (whitened), ``returns``: ``(B, N)`` from :func:`gae`.
-        raw_scores: ``(B,)`` before the penalty. ``finished``: ``(B,)`` True where EOS was emitted.
-        prompts, completions: the texts (when a tokenizer is known).
-    """
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_length: int
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-    raw_scores: torch.Tensor
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    finished: torch.Tensor
-    entropy: torch.Tensor
-    prompts: list[str]
-    completions: list[str]
-
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_length :]
-
-    def __len__(self) -> int:
-        return self.sequences.shape[0]
-
-    def select(self, idx: torch.Tensor) -> Rollout:
-        """Rows ``idx`` of every per-row field."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor) and v.dim() >= 1:
-                out[f.name] = v[idx.to(v.device)]
-            elif isinstance(v, list):
-                out[f.name] = [v[i] for i in idx.tolist()]
-            else:
-                out[f.name] = v
-        return Rollout(**out)
-
-
-class PPO(L.LightningModule):
+class PPO(LLMModule):
     """RLHF-PPO of a causal LM against a reward model and/or reward functions (see the module docstring).
 
     Args:
-        config: policy architecture built here (ignored when ``pretrained`` is given).
-        pretrained: a local Hugging Face causal LM directory (converted to our Transformer).
-        init_from: a Lightning checkpoint (CausalLM / DPO / PPO) whose transformer weights initialise the policy.
-        vocab_size: overrides ``config.vocab_size`` (linked by the CLI to the prompt data's tokenizer).
         reward_model: path of a :class:`RewardModel` checkpoint; its tokenizer must equal the policy's.
         reward_functions: callables (or import paths / class_path dicts) with TRL's reward-function signature.
         reward_weights: one weight per reward function (default 1.0 each); the reward model has weight 1.
@@ -175,18 +79,22 @@ class PPO(L.LightningModule):
         gamma, lam: GAE discount and lambda. whiten_advantages: whiten advantages over valid tokens.
         kl_coef, kl_estimator: KL penalty coefficient and estimator (``"k1" | "k2" | "k3"``).
         adaptive_kl, kl_target, kl_horizon: use the adaptive controller (target in nats per sequence).
-        learning_rate, weight_decay, betas, max_grad_norm: AdamW (constant learning rate) and gradient clipping.
+        max_grad_norm: gradient clipping of each optimiser step.
         log_completions_every_n_steps, num_logged_completions: sample completions logged to the logger (when it has
             ``log_text``, e.g. W&B) or to ``<log_dir>/completions.csv``.
         seed: seed of the rollout sampler (offset by the process rank).
+        **kwargs: the shared arguments of :class:`~lightning_llm.modules.base.LLMModule`: ``config`` or
+            ``pretrained`` of the policy (a Hugging Face directory or a checkpoint of ours, e.g. the SFT model),
+            ``vocab_size``, ``dtype``, the optimiser (AdamW with a constant lr 1e-4, no weight decay, by default;
+            a ``scheduler`` callable may add a schedule), ``compile``, ``parallel``.
     """
+
+    defaults: ClassVar[dict[str, Any]] = {"learning_rate": 1e-4, "weight_decay": 0.0, "warmup_steps": 0}
+    hparams_ignore: ClassVar[tuple[str, ...]] = ("reward_functions",)
 
     def __init__(
         self,
         config: TransformerConfig | None = None,
-        pretrained: str | None = None,
-        init_from: str | None = None,
-        vocab_size: int | None = None,
         reward_model: str | None = None,
         reward_functions: list[Any] | None = None,
         reward_weights: list[float] | None = None,
@@ -211,21 +119,20 @@ class PPO(L.LightningModule):
         adaptive_kl: bool = False,
         kl_target: float = 6.0,
         kl_horizon: float = 10000,
-        learning_rate: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.95),
         max_grad_norm: float | None = 1.0,
         log_completions_every_n_steps: int = 50,
         num_logged_completions: int = 4,
         seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(config=config, **kwargs)
         self.automatic_optimization = False
         if not temperature > 0:
             raise ValueError(
                 f"PPO: `temperature` must be > 0 (PPO needs a stochastic policy and rescoring at the sampling "
                 f"temperature), got {temperature}."
             )
+        check_sampling(temperature, top_k, top_p)
         for name, value in (
             ("max_new_tokens", max_new_tokens),
             ("ppo_epochs", ppo_epochs),
@@ -250,41 +157,45 @@ class PPO(L.LightningModule):
             value_model = "separate" if reward_model is not None else "head"
         if value_model not in ("head", "separate"):
             raise ValueError(f"PPO: `value_model` must be 'head' or 'separate', got {value_model!r}.")
-        self.save_hyperparameters(ignore=["reward_functions"])
-
-        # ---- models: policy, frozen reference, value (head or model), frozen reward model
-        self.policy = build_transformer(config, pretrained, vocab_size, init_from)
-        self.config = self.policy.config
-        self.ref = frozen_copy(self.policy)
-        self.reward_model: RewardModel | None = None
-        if reward_model is not None:
-            self.reward_model = RewardModel.from_checkpoint(reward_model)
-            if self.reward_model.config.vocab_size != self.config.vocab_size:
-                raise ValueError(
-                    f"PPO: tokenizer mismatch between policy and reward model: the reward model {reward_model!r} has "
-                    f"vocab_size {self.reward_model.config.vocab_size}, the policy {self.config.vocab_size}. Train the "
-                    "reward model with the same tokenizer as the policy's prompt data."
-                )
-        if value_model == "separate":
-            if self.reward_model is not None:
-                self.value_backbone = copy_module(self.reward_model.backbone)
-                self.value_head = copy_module(self.reward_model.head)
-            else:
-                self.value_backbone = copy_module(self.policy)
-                self.value_head = ScalarHead(self.config.n_embd)
-        else:
-            self.value_backbone = None
-            self.value_head = ScalarHead(self.config.n_embd)
-
+        self.value_model_kind = value_model
         self.kl_ctl = (
             AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
         )
-        self.tokenizer: Tokenizer | None = None
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
         self.rollouts_done = 0
         self.val_reward = MeanMetric()
         self.val_kl = MeanMetric()
+        self.configure_model()  # eager: the models exist from construction
+
+    def build(self) -> None:
+        """Policy, its frozen reference, the frozen reward model (when given) and the value model (head or model)."""
+        hp = self.hparams
+        self.policy = self.build_backbone()
+        self.ref = self.make_reference(self.policy)  # under LoRA: the policy with adapters disabled, no copy
+        self.reward_model: RewardModel | None = None
+        if hp.reward_model is not None:
+            self.reward_model = RewardModel.from_checkpoint(hp.reward_model)
+            if self.reward_model.config.vocab_size != self.config.vocab_size:
+                raise ValueError(
+                    f"PPO: tokenizer mismatch between policy and reward model: the reward model {hp.reward_model!r} "
+                    f"has vocab_size {self.reward_model.config.vocab_size}, the policy {self.config.vocab_size}. Train "
+                    "the reward model with the same tokenizer as the policy's prompt data."
+                )
+        self.value_backbone = None
+        if self.value_model_kind == "separate" and self.reward_model is not None:
+            self.value_backbone = frozen_copy(self.reward_model.backbone, trainable=True)
+            self.value_head = frozen_copy(self.reward_model.head, trainable=True)
+        elif self.value_model_kind == "separate":
+            self.value_backbone = frozen_copy(self.policy, trainable=True)
+            self.value_head = ScalarHead(self.config.n_embd)
+        else:
+            self.value_head = ScalarHead(self.config.n_embd)
+
+    def transformers(self) -> list[torch.nn.Module]:
+        models = [self.policy, self.ref, self.value_backbone]
+        models.append(self.reward_model.backbone if self.reward_model is not None else None)
+        return [m for m in models if m is not None]
 
     # -------------------------------------------------------------------------------------------- forward passes
     def policy_and_values(
@@ -316,31 +227,10 @@ class PPO(L.LightningModule):
         **kwargs: Any,
     ) -> torch.Tensor:
         """Weighted sum of the reward functions' values plus the reward model's score, ``(B,)`` float32."""
-        b = sequences.shape[0]
-        total = torch.zeros(b, dtype=torch.float32, device=sequences.device)
-        for fn, w in zip(self.reward_functions, self.reward_weights):
-            values = fn(prompts=prompts, completions=completions, **kwargs)
-            name = _fn_name(fn)
-            if isinstance(values, torch.Tensor):
-                values = values.detach().flatten().tolist()
-            if not isinstance(values, (list, tuple)) or len(values) != b:
-                got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
-                raise ValueError(
-                    f"PPO: reward function {name!r} returned {got} values for {b} completions; it must return a list "
-                    "with one float per completion (TRL signature fn(prompts, completions, **kwargs) -> list[float])."
-                )
-            try:
-                arr = torch.tensor([float(v) for v in values], dtype=torch.float32)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"PPO: reward function {name!r} returned a non-number: {err}.") from err
-            bad = (~torch.isfinite(arr)).nonzero().flatten().tolist()
-            if bad:
-                i = bad[0]
-                raise ValueError(
-                    f"PPO: reward function {name!r} returned a non-finite value {arr[i].item()} for completion {i} "
-                    f"({completions[i]!r}); return finite floats (e.g. 0.0 for 'no reward')."
-                )
-            total += w * arr.to(total.device)
+        total, _ = weighted_reward_scores(
+            self.reward_functions, self.reward_weights, prompts, completions, owner="PPO", **kwargs
+        )
+        total = total.to(sequences.device)
         if self.reward_model is not None:
             with torch.no_grad():
                 total += self.reward_model(sequences, attention_mask).float()
@@ -415,6 +305,12 @@ class PPO(L.LightningModule):
         advantages, returns = gae(rewards, values, rmask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages and int(rmask.sum()) >= 2:
             advantages = masked_whiten(advantages, rmask)
+        if not (torch.isfinite(returns[rmask]).all() and torch.isfinite(advantages[rmask]).all()):
+            raise ValueError(
+                f"PPO: rewards of [{scores.min().item():.4g}, {scores.max().item():.4g}] give non-finite returns or "
+                "advantages (float32 overflow). Rescale the reward functions / reward model to a range of a few "
+                "units, or clip the rewards; training on would only corrupt the weights."
+            )
         self.train(was_training)
         return Rollout(
             sequences=seq,
@@ -473,6 +369,14 @@ class PPO(L.LightningModule):
                 micro = [m for m in mb.tensor_split(min(hp.gradient_accumulation_steps, len(mb))) if len(m)]
                 for idx in micro:
                     loss, stats = self.ppo_losses(rollout.select(idx))
+                    if not torch.isfinite(loss):
+                        raise ValueError(
+                            f"PPO: the loss is {loss.item()} (policy loss {stats['policy_loss'].item()}, value loss "
+                            f"{stats['value_loss'].item()}) at rollout {self.rollouts_done}; scores ranged "
+                            f"[{rollout.scores.min().item():.4g}, {rollout.scores.max().item():.4g}]. Rescale the "
+                            "reward functions / reward model to a range of a few units, lower the learning rate, or "
+                            "clip the rewards; training on would only corrupt the weights."
+                        )
                     self.manual_backward(loss / len(micro))
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
@@ -560,11 +464,10 @@ class PPO(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- setup / optim
     def setup(self, stage: str) -> None:
-        tokenizer = take_datamodule_tokenizer(self, self.policy, "policy")
-        if tokenizer is None:
-            return
+        super().setup(stage)
+        tokenizer = self.tokenizer
         rm_tok = self.reward_model.tokenizer if self.reward_model is not None else None
-        if rm_tok is not None and rm_tok.fingerprint != tokenizer.fingerprint:
+        if tokenizer is not None and rm_tok is not None and rm_tok.fingerprint != tokenizer.fingerprint:
             raise ValueError(
                 f"PPO: tokenizer mismatch between policy and reward model: the prompt data uses {tokenizer!r}, the "
                 f"reward model {self.hparams.reward_model!r} was trained with {rm_tok!r}. The reward model scores the "
@@ -572,8 +475,13 @@ class PPO(L.LightningModule):
                 "like the prompts, or set the prompt data's `tokenizer` to the reward model's."
             )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adamw(self.hparams, self.parameters())  # constant learning rate: no scheduler
+    def configure_optimizers(self) -> Any:
+        """AdamW over the trainable parameters; a constant learning rate unless a ``scheduler`` callable is given
+        (manual optimisation: PPO steps the optimiser itself, ``ppo_epochs x num_minibatches`` times per rollout)."""
+        optimizer = self.make_optimizer(self.trainable_parameters())
+        if self.scheduler_fn is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_fn(optimizer), "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -581,7 +489,7 @@ class PPO(L.LightningModule):
         controller, the sampler's RNG state, the rollout counter, the config and the tokenizer."""
         checkpoint["kl_controller"] = {"type": type(self.kl_ctl).__name__, **self.kl_ctl.state_dict()}
         checkpoint["rollouts_done"] = self.rollouts_done
-        save_model_state(self, checkpoint)
+        super().on_save_checkpoint(checkpoint)
         if self._generator is not None:
             checkpoint["generator_state"] = self._generator.get_state()
 
@@ -596,7 +504,7 @@ class PPO(L.LightningModule):
         if state:
             self.kl_ctl.load_state_dict(state)
         self.rollouts_done = int(checkpoint.get("rollouts_done", 0))
-        restore_tokenizer(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
         if "generator_state" in checkpoint:
             self._generator_state = checkpoint["generator_state"]
             self._generator = None

@@ -14,6 +14,10 @@ Kernels (``TransformerConfig.attention_backend``):
 ``auto`` takes flex for ALiBi on CUDA when there is no padding or cache, and sdpa everywhere else.
 Every query may always attend to its own slot, so a left-padded row never has an empty softmax (which would be NaN);
 such pad positions produce finite garbage that no loss or metric reads.
+
+ALiBi slopes live in the non-persistent buffer ``alibi_slopes``, one per head this module computes: ``(H,)`` as built.
+A tensor-parallel plan that gives this module only some of the heads slices the buffer with the projections
+(:func:`lightning_llm.parallel.shard_alibi_slopes`); the module itself never needs to know which heads it holds.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_llm.config import TransformerConfig
-from lightning_llm.nn.alibi import alibi_slopes
+from lightning_llm.nn.alibi import alibi_bias, alibi_slopes
 from lightning_llm.nn.rope import apply_rope
 
 
@@ -121,11 +125,15 @@ class CausalSelfAttention(nn.Module):
             return "flex"
         return "sdpa"
 
-    def _alibi_slopes(self, n_local_heads: int, device: torch.device) -> torch.Tensor:
+    def _alibi_slopes(self, n_heads: int, device: torch.device) -> torch.Tensor:
+        """The ``(H,)`` slopes of the heads in ``q``; they must match in number (a sharded plan slices both)."""
         slopes = self.alibi_slopes
-        if slopes.numel() != n_local_heads:
-            # tensor parallel: this rank holds a contiguous slice of the heads; the parallelize function sets tp_rank
-            slopes = slopes.view(-1, n_local_heads)[getattr(self, "tp_rank", 0)]
+        if slopes.numel() != n_heads:
+            raise ValueError(
+                f"`alibi_slopes` holds {slopes.numel()} slopes but the query projection gives {n_heads} heads: when "
+                "q/k/v are sharded over heads, slice the slopes the same way "
+                "(lightning_llm.parallel.shard_alibi_slopes; apply_tensor_parallel does it)."
+            )
         return slopes.to(device)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
@@ -155,7 +163,7 @@ class CausalSelfAttention(nn.Module):
         if bias is None:
             attn_mask = inputs.mask
         else:
-            key = ("alibi_bias_as", q.dtype, n_local, getattr(self, "tp_rank", 0))
+            key = ("alibi_bias_as", q.dtype, n_local)
             attn_mask = inputs.cache.get(key)
             if attn_mask is None:
                 attn_mask = inputs.cache[key] = bias.to(q.dtype)
@@ -166,14 +174,13 @@ class CausalSelfAttention(nn.Module):
         if self.alibi_slopes is None:
             return None
         slopes = self._alibi_slopes(n_local, device)
-        key = ("alibi_bias", n_local, getattr(self, "tp_rank", 0), device)
-        if key in inputs.cache:  # every layer has the same slopes: build the bias once per forward
+        key = ("alibi_bias", n_local, device)
+        if key in inputs.cache:  # every layer of a model holds the same (local) slopes: build the bias once per forward
             return inputs.cache[key]
-        rel = (inputs.k_pos[:, None, :] - inputs.q_pos[:, :, None]).to(torch.float32)  # (B, T, S)
-        bias = slopes[None, :, None, None] * rel[:, None]  # (B, H, T, S)
+        bias = alibi_bias(slopes, inputs.q_pos, inputs.k_pos)  # (B or 1, H, T, S)
         mask = inputs.mask
         if mask is None:  # plain causal: key slot j <= query slot i
-            t, s = rel.shape[-2:]
+            t, s = bias.shape[-2:]
             mask = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
         bias = bias.masked_fill(~mask, float("-inf"))
         inputs.cache[key] = bias

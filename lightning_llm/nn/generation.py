@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_llm.ops import token_logprobs
+
 
 @dataclass
 class GenerationOutput:
@@ -45,13 +47,23 @@ class GenerationOutput:
 def left_pad(
     prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(B, P)`` ids and a ``(B, P)`` mask."""
+    """Left-pad token lists into ``(B, P)`` ids and a ``(B, P)`` mask (a tensor is taken as already left-padded)."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts[None]
+        if prompts.dim() != 2 or prompts.numel() == 0:
+            raise ValueError(
+                "`prompts` must be a non-empty (B, P) tensor of token ids with B >= 1 and P >= 1, received shape"
+                f" {tuple(prompts.shape)}. Fix: give every prompt at least one token (e.g. the BOS id)."
+            )
         return prompts.to(device), torch.ones_like(prompts, device=device)
     if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token lists; got an empty prompt.")
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        raise ValueError(
+            "`prompts` must be a non-empty list of non-empty token lists, received "
+            f"{'an empty list' if len(prompts) == 0 else f'empty prompts at rows {empty[:5]}'}."
+            " Fix: give every prompt at least one token (e.g. the BOS id)."
+        )
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -61,18 +73,67 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Validate sampling settings: ``temperature >= 0`` (0 = greedy), ``top_k`` None/0 (off) or a positive int,
+    ``top_p`` None or in ``(0, 1]`` (1 = off). Raises ``ValueError``/``TypeError`` naming the argument and the fix."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(
+            f"`temperature` must be a number >= 0 (0 = greedy), received {temperature!r}."
+            " Fix: use 0 for greedy decoding or a positive value (1.0 = the model's distribution) for sampling."
+        )
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(
+            f"`top_k` must be None or 0 (no top-k filtering) or a positive int, received {top_k!r}."
+            " Fix: pass e.g. top_k=50, or None to sample from the whole vocabulary."
+        )
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0
+    ):
+        raise ValueError(
+            f"`top_p` must be None or a number in (0, 1] (1 = no nucleus filtering), received {top_p!r}."
+            " Fix: pass e.g. top_p=0.9; for greedy decoding use temperature=0 instead of top_p=0."
+        )
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set logits outside the top-k and outside the smallest set with cumulative probability >= top_p to -inf."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
+    """Set logits outside the top-k and outside the smallest set with cumulative probability >= top_p to -inf.
+
+    ``top_k`` None or 0 and ``top_p`` None or 1 leave the logits unchanged; other values are checked by
+    :func:`check_sampling`.
+    """
+    check_sampling(1.0, top_k, top_p)
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
+    if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step from next-token logits ``(B, V)``: ``(token (B,), logprob (B,) float32)``.
+
+    ``temperature == 0`` takes the argmax; otherwise a token is drawn from ``softmax(filter_logits(logits / T))``.
+    ``logprob`` is the chosen token's log-probability under ``softmax(logits / T)`` (before filtering; ``T = 1`` when
+    greedy), the quantity PPO rescores.
+    """
+    logits = logits.float()  # (B, V)
+    if temperature == 0:
+        token = logits.argmax(-1)
+    else:
+        probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return token, token_logprobs(logits, token, temperature=temperature or 1.0)
 
 
 def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -105,20 +166,27 @@ def generate(
         prompts: list of token-id lists (left-padded here), or a ``(B, P)`` tensor already left-padded (then pass
             ``prompt_mask``).
         max_new_tokens: number of decoding steps at most.
-        temperature: 0 for greedy; otherwise logits are divided by it before sampling.
-        top_k, top_p: optional filtering of the sampling distribution.
+        temperature: 0 for greedy; otherwise logits are divided by it before sampling (>= 0).
+        top_k: sample among the ``top_k`` most likely tokens; None or 0: no top-k filtering.
+        top_p: nucleus sampling, in ``(0, 1]``; None or 1: no nucleus filtering.
         eos_id: stop a row after it emits this id.
         pad_id: id written after a row has stopped, and used for left padding.
         generator: a seeded ``torch.Generator`` for reproducible sampling.
         use_cache: False recomputes the whole sequence at every step (the reference the tests compare with).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(
+            f"`max_new_tokens` must be an int >= 1, received {max_new_tokens!r}. Fix: ask for at least one new token."
+        )
+    check_sampling(temperature, top_k, top_p)
     device = model.wte.weight.device
     ids, mask = left_pad(prompts, pad_id, device)
     if prompt_mask is not None:
+        if tuple(prompt_mask.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"`prompt_mask` must have the shape of the prompts {tuple(ids.shape)}, received"
+                f" {tuple(prompt_mask.shape)}. Fix: pass the (B, P) attention mask of the left-padded prompt tensor."
+            )
         mask = prompt_mask.to(device=device, dtype=torch.long)
     b, p = ids.shape
     cfg = model.config
@@ -139,16 +207,7 @@ def generate(
             hidden = model(step_ids, attention_mask=seq_mask, kv_cache=cache, return_hidden=True)[:, -1]  # (B, C)
         else:
             hidden = model(seq, attention_mask=seq_mask, return_hidden=True)[:, -1]  # (B, C)
-        logits = _last_logits(model, hidden)  # (B, V)
-        if temperature == 0:
-            token = logits.argmax(-1)
-            logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
-        else:
-            scaled = logits / temperature
-            logp_all = torch.log_softmax(scaled, -1)
-            probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            logprob = logp_all.gather(-1, token[:, None]).squeeze(-1)
+        token, logprob = sample_next(_last_logits(model, hidden), temperature, top_k, top_p, generator)  # (B,), (B,)
         alive = ~finished
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         new_tokens.append(token)

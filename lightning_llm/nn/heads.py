@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_llm.ops import IGNORE_INDEX, is_plain, log_softmax_gather
+
 
 def _chunk_ce(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, ignore_index: int
@@ -18,15 +20,41 @@ def _chunk_ce(
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
 
 
-def _is_plain(t: torch.Tensor | None) -> bool:
-    """A dense tensor or Parameter (not a DTensor or another subclass, which take the generic autograd path)."""
-    return t is None or type(t) in (torch.Tensor, nn.Parameter)
+def _fused_ce(hidden, weight, bias, targets, ignore_index: int, chunk_size: int, need: tuple[bool, bool, bool]):
+    """``(summed loss, grad_hidden, grad_weight, grad_bias)``; a gradient is None unless ``need`` asks for it."""
+    need_h, need_w, need_b = need
+    valid = targets != ignore_index  # (N,)
+    safe = torch.where(valid, targets, torch.zeros_like(targets))  # (N,) ignored rows point at class 0
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        h, t, v = hidden[sl], safe[sl], valid[sl]
+        logits = F.linear(h, weight, bias).float()  # (n, V)
+        logp = log_softmax_gather(logits, t, out=logits)  # (n,); ``logits`` now holds the log-softmax, in place
+        total -= torch.where(v, logp, 0.0).sum()
+        if not (need_h or need_w or need_b):
+            continue
+        d = logits.exp_()  # softmax, in place: (n, V)
+        d.scatter_add_(1, t[:, None], torch.full_like(logp[:, None], -1.0))  # minus the one-hot target
+        d.mul_(v[:, None])  # ignored rows contribute nothing
+        d = d.to(weight.dtype)
+        if need_h:
+            grad_h[sl] = d @ weight  # (n, C)
+        if need_w:
+            grad_w += d.t() @ h.to(d.dtype)  # (V, C)
+        if need_b:
+            grad_b += d.float().sum(0)
+    return total, grad_h, grad_w, grad_b
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T + bias`` whose gradients are computed in the forward, chunk by chunk.
 
-    For each chunk of rows: ``logits`` (n, V) in float32, ``loss = logsumexp(logits) - logits[target]``, then in place
+    For each chunk of rows: ``logits`` (n, V) in float32, turned in place into the log-softmax by
+    :func:`lightning_llm.ops.log_softmax_gather` (which also gives the target's log-probability), then in place
     ``d_logits = softmax(logits) - onehot(target)`` (zero on ignored rows), ``grad_hidden = d_logits @ W``,
     ``grad_W += d_logits.T @ hidden``, ``grad_b += d_logits.sum(0)``. The backward only multiplies the stored gradients
     by the incoming scalar. Compared with autograd over ``F.cross_entropy`` this needs no second logits matmul (no
@@ -36,32 +64,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index: int, chunk_size: int):  # noqa: D102
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n = hidden.shape[0]
-        valid = targets != ignore_index  # (N,)
-        safe = torch.where(valid, targets, torch.zeros_like(targets))  # (N,) ignored rows point at class 0
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        for start in range(0, n, chunk_size):
-            sl = slice(start, start + chunk_size)
-            h, t, v = hidden[sl], safe[sl], valid[sl]
-            logits = F.linear(h, weight, bias).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * v).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
-            d.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot target
-            d.mul_(v[:, None])  # ignored rows contribute nothing
-            d = d.to(weight.dtype)
-            if need_h:
-                grad_h[sl] = d @ weight  # (n, C)
-            if need_w:
-                grad_w += d.t() @ h.to(d.dtype)  # (V, C)
-            if need_b:
-                grad_b += d.float().sum(0)
+        need = tuple(ctx.needs_input_grad[:3])
+        total, grad_h, grad_w, grad_b = _fused_ce(hidden, weight, bias, targets, ignore_index, chunk_size, need)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return total
 
@@ -77,15 +81,16 @@ def chunked_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 4096,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of ``hidden @ weight.T`` without holding all ``(N, V)`` logits at once.
 
-    Design choice: rows are processed in chunks of ``chunk_size``. When gradients are needed, a fused
-    linear + cross-entropy autograd function computes each chunk's gradients right after its loss (Liger-Kernel style),
-    so nothing is recomputed in the backward and only one ``(chunk_size, V)`` float32 block of logits exists at a time.
+    Design choice: rows are processed in chunks of ``chunk_size``. For dense tensors a fused
+    linear + cross-entropy function computes each chunk's gradients right after its loss (Liger-Kernel style),
+    so nothing is recomputed in the backward and only one ``(chunk_size, V)`` float32 block of logits exists at a time
+    (without gradients the same loop only sums the losses).
     Subclassed tensors (DTensor under tensor parallelism) take a generic path instead: each chunk under activation
     checkpointing (backward recomputes the chunk's logits), or plain ``F.cross_entropy`` when there is one chunk.
     The mean is over rows whose target is not ``ignore_index``; if every row is ignored the loss is 0 (not nan).
@@ -105,8 +110,11 @@ def chunked_cross_entropy(
     n = hidden.shape[0]
     count = (targets != ignore_index).sum()
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if needs_grad and _is_plain(hidden) and _is_plain(weight) and _is_plain(bias):
-        total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_size)
+    if is_plain(hidden) and is_plain(weight) and is_plain(bias):
+        if needs_grad:
+            total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_size)
+        else:
+            total = _fused_ce(hidden, weight, bias, targets, ignore_index, chunk_size, (False, False, False))[0]
     elif n <= chunk_size:
         total = _chunk_ce(hidden, weight, bias, targets, ignore_index)
     else:

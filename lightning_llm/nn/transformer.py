@@ -21,12 +21,9 @@ from lightning_llm.nn.attention import AttentionInputs, CausalSelfAttention
 from lightning_llm.nn.heads import chunked_cross_entropy
 from lightning_llm.nn.kv_cache import KVCache
 from lightning_llm.nn.rope import rope_cos_sin
+from lightning_llm.ops import is_plain
 
 _HAS_FUSED_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
-
-
-def _is_plain(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, nn.Parameter)
 
 
 class RMSNorm(nn.Module):
@@ -41,8 +38,8 @@ class RMSNorm(nn.Module):
         if (
             _HAS_FUSED_RMS_NORM
             and x.dtype == self.weight.dtype == torch.float32
-            and _is_plain(x)
-            and _is_plain(self.weight)
+            and is_plain(x)
+            and is_plain(self.weight)
         ):
             # the same formula in one fused kernel (forward and backward): float32 in, nothing to cast
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -171,6 +168,7 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         kv_cache: KVCache | None,
+        segment_ids: torch.Tensor | None = None,
     ) -> AttentionInputs:
         cfg = self.config
         past = kv_cache.length if kv_cache is not None else 0
@@ -209,7 +207,21 @@ class Transformer(nn.Module):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         mask, is_causal = None, past == 0
-        if attention_mask is not None or (past > 0 and t > 1):
+        if segment_ids is not None:  # packed rows: a query sees only keys of its own segment (example)
+            if kv_cache is not None or segment_ids.shape != (batch, t):
+                raise ValueError(
+                    f"segment_ids must have shape (batch, seq_len) = {(batch, t)} and needs no KV cache, got "
+                    f"{tuple(segment_ids.shape)}{' with a KV cache' if kv_cache is not None else ''}."
+                )
+            segment_ids = segment_ids.to(device)
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, S)
+            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+            allowed = same & causal[None]
+            if attention_mask is not None:
+                allowed = allowed & attention_mask[:, None, :]
+                allowed = allowed | torch.eye(t, dtype=torch.bool, device=device)[None]  # a pad query may see itself
+            mask, is_causal = allowed[:, None], False  # (B, 1, T, S)
+        elif attention_mask is not None or (past > 0 and t > 1):
             slots = torch.arange(s, device=device)
             q_slots = slots[past:]
             allowed = slots[None, :] <= q_slots[:, None]  # (T, S) causal
@@ -248,6 +260,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         return_hidden: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model.
 
@@ -258,10 +271,12 @@ class Transformer(nn.Module):
             kv_cache: a :class:`KVCache`; new keys/values are appended and its length advanced.
             targets: ``(B, T)`` next-token ids (``-100`` = ignore): return the mean cross-entropy instead of logits.
             return_hidden: return the final normalised hidden states ``(B, T, C)``.
+            segment_ids: ``(B, T)`` packed rows: the example each token belongs to; attention stays inside an
+                example (block-diagonal causal mask). Pass ``position_ids`` restarting at 0 per example with it.
         """
         self._check_ids(input_ids)
         b, t = input_ids.shape
-        inputs = self.attention_inputs(b, t, input_ids.device, attention_mask, position_ids, kv_cache)
+        inputs = self.attention_inputs(b, t, input_ids.device, attention_mask, position_ids, kv_cache, segment_ids)
         x = self.wte(input_ids)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(inputs.q_pos)

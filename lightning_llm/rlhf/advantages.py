@@ -22,8 +22,10 @@ tool-output tokens inside an agent's trajectory) the holes are treated as not be
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from lightning_llm.rlhf._validation import (
+    check_choice,
     check_finite,
     check_float,
     check_mask,
@@ -94,13 +96,7 @@ def gae(
     return advantages.to(out_dtype), returns.to(out_dtype)
 
 
-def td_lambda_returns(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-) -> torch.Tensor:
+def td_lambda_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> Tensor:
     """TD(lambda) returns ``R_t = A_t + V_t`` (the value-function targets); see :func:`gae` for the arguments.
 
     ``lam = 0``: ``r_t + gamma V_{t+1}``; ``lam = 1``: the discounted Monte-Carlo return ``sum_k gamma^k r_{t+k}``.
@@ -121,8 +117,16 @@ def _check_group_scores(fn: str, scores: torch.Tensor, group_size: int) -> torch
     return scores.view(-1, group_size)  # (num_prompts, G)
 
 
+SCALE_REWARDS = ("group", "batch", "none")
+"""``scale_rewards`` options of :func:`group_relative_advantages` (TRL's ``GRPOConfig.scale_rewards``)."""
+
+
 def group_relative_advantages(
-    scores: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-4
+    scores: torch.Tensor,
+    group_size: int,
+    normalize_std: bool = True,
+    eps: float = 1e-4,
+    scale_rewards: str | None = None,
 ) -> torch.Tensor:
     """GRPO's group-relative advantage: each completion's score minus its group's mean, optionally over the std.
 
@@ -136,16 +140,25 @@ def group_relative_advantages(
         group_size: completions per prompt ``G``; with ``G == 1`` the advantages are all 0 (no baseline signal).
         normalize_std: divide by the group's standard deviation (+ ``eps``).
         eps: added to the std (TRL's 1e-4).
+        scale_rewards: TRL's option, overrides ``normalize_std`` when given: ``"group"`` (the group's std),
+            ``"batch"`` (the std of all ``B`` scores, PPO-Lite; the mean is still the group's) or ``"none"``
+            (Dr. GRPO's unscaled advantage).
 
     Returns:
         ``(B,)`` advantages.
     """
-    grouped = _check_group_scores("group_relative_advantages", scores, group_size)
+    fn = "group_relative_advantages"
+    grouped = _check_group_scores(fn, scores, group_size)
+    if scale_rewards is None:
+        scale_rewards = "group" if normalize_std else "none"
+    check_choice(fn, "scale_rewards", scale_rewards, SCALE_REWARDS)
     if group_size == 1:
         return torch.zeros_like(scores)
     adv = grouped - grouped.mean(dim=1, keepdim=True)  # (num_prompts, G)
-    if normalize_std:
+    if scale_rewards == "group":
         adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        adv = adv / ((scores.std() if scores.numel() > 1 else scores.new_zeros(())) + eps)
     return adv.reshape(-1)  # (B,)
 
 
@@ -171,3 +184,40 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"{fn}: the leave-one-out baseline needs `group_size` >= 2, got {group_size}.")
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (num_prompts, G)
     return (grouped - baseline).reshape(-1)  # (B,)
+
+
+def sequence_kl_penalized_scores(
+    scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO's KL-regularised sequence reward ``r_i - beta * KL_i`` with ``KL_i = sum_t (logp_it - ref_logp_it)``.
+
+    The k1 estimator summed over each sequence's valid tokens, as TRL's ``RLOOTrainer`` puts the KL into the reward
+    before the leave-one-out baseline (use the sampling policy's log-probabilities: the KL is part of the reward,
+    not of the loss, so it carries no gradient).
+
+    Args:
+        scores: ``(B,)`` sequence rewards.
+        logp: ``(B, T)`` sampling-policy log-probabilities of the completion tokens.
+        ref_logp: ``(B, T)`` reference log-probabilities of the same tokens.
+        mask: ``(B, T)`` True on completion tokens.
+        beta: KL coefficient >= 0.
+
+    Returns:
+        ``(penalised_scores, kl)``, both ``(B,)``, detached.
+    """
+    fn = "sequence_kl_penalized_scores"
+    check_float(fn, "scores", scores, ndim=1)
+    check_float(fn, "logp", logp, ndim=2)
+    check_float(fn, "ref_logp", ref_logp, ndim=2)
+    check_same_shape(fn, logp=logp, ref_logp=ref_logp)
+    if scores.shape[0] != logp.shape[0]:
+        raise ValueError(f"{fn}: `scores` must be ({logp.shape[0]},), got {tuple(scores.shape)}.")
+    mask = check_mask(fn, mask, logp.shape)
+    beta = check_range(fn, "beta", beta, 0.0, None)
+    check_finite(fn, "scores", scores)
+    check_finite(fn, "logp", logp, mask)
+    check_finite(fn, "ref_logp", ref_logp, mask)
+    with torch.no_grad():
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        kl = torch.where(mask, logp - ref_logp, zero).sum(-1)  # (B,)
+        return scores - beta * kl.to(scores.dtype), kl

@@ -10,15 +10,17 @@ returns logits for ``input_ids`` (``(B, L, V)``), pass ``logits[:, :-1]`` with `
 Temperature: PPO must rescore the sampled tokens with the temperature used for sampling, otherwise the
 log-probabilities are not those of the behaviour policy and KL estimates go negative.
 
-Padding: logits at masked positions are replaced with zeros before the softmax and ``tokens`` there are never
-read, so garbage (or the ``-100`` ignore index) at padding changes no output and sends no NaN gradient back.
+Padding: ``tokens`` at masked positions are never read and those positions get exactly 0 and no gradient, so garbage
+(NaN logits, or the ``-100`` ignore index) at padding changes no output and sends no NaN gradient back.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import Any
 
+import torch
+
+from lightning_llm.ops import IGNORE_INDEX, token_logprobs
 from lightning_llm.rlhf._validation import check_float, check_mask, check_range, check_tensor
 from lightning_llm.rlhf.stats import masked_mean
 
@@ -65,9 +67,10 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``, computed in float32.
 
-    Rows are processed ``chunk_size`` at a time, so the float32 copy of the logits never exceeds
-    ``chunk_size * T * V`` elements (the full softmax is never materialised in half precision, where it is inexact).
-    Differentiable with respect to ``logits``.
+    Computed by :func:`lightning_llm.ops.token_logprobs`: rows are processed ``chunk_size`` at a time, so the float32
+    copy of the logits never exceeds ``chunk_size * T * V`` elements (the full softmax is never materialised in half
+    precision, where it is inexact). Differentiable with respect to ``logits``; the backward recomputes each chunk's
+    softmax instead of storing a float32 copy of all logits.
 
     Args:
         logits: ``(B, T, V)``; ``logits[:, t]`` scores ``tokens[:, t]`` (see the module docstring for the shift).
@@ -81,32 +84,18 @@ def sequence_logprobs(
     """
     fn = "sequence_logprobs"
     mask, temperature = _check_logits_tokens(fn, logits, tokens, mask, temperature, chunk_size)
-    safe_tokens = torch.where(mask, tokens, 0).long()
-    out = []
-    for start in range(0, logits.shape[0], chunk_size):
-        m = mask[start : start + chunk_size]  # (b, T)
-        lg = logits[start : start + chunk_size].float()  # (b, T, V)
-        lg = torch.where(m[..., None], lg, torch.zeros((), dtype=lg.dtype, device=lg.device))
-        if temperature != 1.0:
-            lg = lg / temperature
-        lp = F.log_softmax(lg, dim=-1).gather(-1, safe_tokens[start : start + chunk_size, :, None])  # (b, T, 1)
-        out.append(torch.where(m, lp.squeeze(-1), torch.zeros((), dtype=lp.dtype, device=lp.device)))
-    return torch.cat(out, dim=0)  # (B, T)
+    targets = torch.where(mask, tokens, IGNORE_INDEX)  # (B, T) masked positions are never read
+    rows = chunk_size * max(logits.shape[1], 1)  # chunk_size sequences of T positions
+    return token_logprobs(logits, targets, IGNORE_INDEX, temperature, chunk_size=rows).float()  # (B, T)
 
 
-def sequence_logprob_sum(
-    logits: torch.Tensor,
-    tokens: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int = 8,
-) -> torch.Tensor:
+def sequence_logprob_sum(*args: Any, **kwargs: Any) -> torch.Tensor:
     """Summed log-probability of each row's valid tokens, ``(B,)`` float32 -- the sequence log-likelihood DPO uses.
 
     Same arguments as :func:`sequence_logprobs`. For length-normalised variants (e.g. IPO as TRL computes it),
     divide by ``mask.sum(1)``.
     """
-    return sequence_logprobs(logits, tokens, mask, temperature=temperature, chunk_size=chunk_size).sum(dim=-1)
+    return sequence_logprobs(*args, **kwargs).sum(dim=-1)
 
 
 def entropy_from_logits(

@@ -282,3 +282,32 @@ def test_hub_dataset_name_goes_through_load_dataset(monkeypatch, small_bpe, tmp_
     assert got["val"] == docs[180:] and got["test"] and sorted(got["train"] + got["test"]) == sorted(docs[:180])
     with pytest.raises(ValueError, match="org/broken.*could not be loaded"):
         _ = TextDataModule("org/broken", tokenizer=small_bpe, cache_dir=str(tmp_path)).documents
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("good.txt", "first paragraph\nstill first\n\nsecond paragraph\n"),
+        ("good.jsonl", '{"text": "a"}\n\n{"text": "b", "extra": 1}\n'),
+        ("good.json", '[{"text": "a"}, {"text": "b"}]'),
+        ("lines.json", '{"text": "a"}\n{"text": "b"}\n'),  # JSON Lines under a .json name, as datasets accepts
+    ],
+)
+def test_well_formed_local_files_pass_the_diagnosis_and_load(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    assert text_module.diagnose_local_file(path) is None
+    kwargs = {"sample_by": "paragraph"} if name.endswith(".txt") else {}  # as load_documents reads .txt files
+    loaded = text_module.load_local_file(path, cache_dir=str(tmp_path / "hf"), **kwargs)
+    texts = [t.strip() for t in loaded["train"]["text"] if t.strip()]
+    assert texts == (["first paragraph\nstill first", "second paragraph"] if name.endswith(".txt") else ["a", "b"])
+
+
+def test_local_file_error_names_file_line_and_fix(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        TextDataModule(dataset=str(path), vocab_size=300, cache_dir=str(tmp_path / "c")).prepare_data()
+    message = str(err.value)
+    assert "corpus.jsonl" in message and "line 3 is not valid JSON" in message and "Fix or remove" in message
+    assert "\n" not in message and err.value.__cause__ is None  # one line, no DatasetGenerationError chained

@@ -154,18 +154,107 @@ def test_unsupported_options_errors(tiny_llama):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"pos_encoding": "alibi"}, "pos_encoding='alibi'"),
-        ({"norm": "layernorm", "mlp": "gelu"}, "norm='layernorm'.*mlp='gelu'"),
-        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
-        ({"parallel_residual": True}, "parallel_residual"),
+        ({"pos_encoding": "sinusoidal"}, "pos_encoding='sinusoidal'"),
+        ({"norm": "layernorm", "mlp": "swiglu"}, "llama: norm='layernorm'.*gpt_neox:.*mlp='swiglu'"),
+        ({"pos_encoding": "alibi"}, "bloom:.*embedding_norm=False"),
+        ({"parallel_residual": True, "n_kv_head": 1}, "gpt_neox: n_kv_head=1"),
     ],
 )
-def test_to_hf_rejects_non_llama_configs(kwargs, match):
+def test_to_hf_rejects_unrepresentable_configs(kwargs, match):
     model = Transformer(TransformerConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, **kwargs))
-    with pytest.raises(ValueError, match=f"Llama-shaped.*{match}"):
+    with pytest.raises(ValueError, match=f"matches no architecture Hugging Face can load.*{match}"):
         to_hf(model)
     with pytest.raises(TypeError, match="lightning_llm.nn.Transformer"):
         to_hf(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------------------ GPT-NeoX, BLOOM, GPT-2 out
+_SHAPES = {
+    "neox-parallel-partial": dict(
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        parallel_residual=True,
+        partial_rotary_factor=0.25,
+        intermediate_size=128,
+    ),
+    "neox-seq-interleaved-nobias": dict(
+        norm="layernorm",
+        mlp="gelu",
+        gelu_approximate="tanh",
+        rope_layout="interleaved",
+        partial_rotary_factor=0.5,
+        tie_embeddings=True,
+        intermediate_size=128,
+    ),
+    "bloom": dict(
+        pos_encoding="alibi",
+        norm="layernorm",
+        mlp="gelu",
+        gelu_approximate="tanh",
+        bias=True,
+        embedding_norm=True,
+        tie_embeddings=True,
+        intermediate_size=256,
+    ),
+    "bloom-6-heads-untied": dict(
+        pos_encoding="alibi",
+        norm="layernorm",
+        mlp="gelu",
+        gelu_approximate="tanh",
+        bias=True,
+        embedding_norm=True,
+        n_head=6,
+        n_embd=48,
+        intermediate_size=192,
+    ),
+    "gpt2": dict(
+        pos_encoding="learned",
+        norm="layernorm",
+        mlp="gelu",
+        gelu_approximate="tanh",
+        bias=True,
+        tie_embeddings=True,
+        intermediate_size=256,
+    ),
+    "gpt2-exact-gelu-untied": dict(
+        pos_encoding="learned", norm="layernorm", mlp="gelu", bias=True, intermediate_size=100
+    ),
+}
+_CLASSES = {"neox": "GPTNeoXForCausalLM", "bloom": "BloomForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
+@pytest.mark.parametrize("shape", list(_SHAPES))
+def test_export_neox_bloom_gpt2(scramble, ids, tmp_path, shape):
+    from lightning_llm.data.synthetic import char_tokenizer
+
+    model = _ours(scramble, n_kv_head=None, **_SHAPES[shape])
+    hf = to_hf(model, attn_implementation="eager").eval()
+    assert type(hf).__name__ == _CLASSES[shape.split("-")[0]]
+    with torch.no_grad():
+        assert _max_diff(hf(ids).logits, model(ids)) <= ATOL
+    back = from_hf(hf)
+    if "nobias" not in shape and "interleaved" not in shape:  # canonical shapes: the round trip is exact
+        assert back.config == model.config
+        ours, theirs = model.state_dict(), back.state_dict()
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():
+        assert _max_diff(back(ids), model(ids)) <= ATOL
+    tok = char_tokenizer(chars="abcdefgh ")
+    out = save_hf(model, tmp_path / shape, tokenizer=tok)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert _max_diff(loaded(ids).logits, model(ids)) <= ATOL
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = hf_tok.apply_chat_template([{"role": "user", "content": "abc"}], tokenize=False, add_generation_prompt=True)
+    assert text == "user: abc\nassistant: "  # our default template travels with the tokenizer
+
+
+def test_round_trip_of_llama_shapes_is_exact(scramble):
+    model = _ours(scramble, bias=True, tie_embeddings=True)
+    back = from_hf(to_hf(model))
+    assert back.config == model.config
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_missing_transformers_gives_install_hint(monkeypatch):

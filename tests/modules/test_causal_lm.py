@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from lightning_llm.config import TransformerConfig
 from lightning_llm.data.text import TextDataModule
-from lightning_llm.modules.causal_lm import CausalLM, warmup_cosine_lambda
+from lightning_llm.modules.base import warmup_cosine_lambda
+from lightning_llm.modules.causal_lm import CausalLM
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +112,15 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path, text_file):
         _trainer(tmp_path, max_steps=1).fit(module, datamodule=dm)
 
 
-def test_vocab_size_argument_overrides_config():
-    module = CausalLM(_config(50), vocab_size=77)
+def test_vocab_size_argument_fills_the_config_and_refuses_a_conflict():
+    """The data's vocabulary (linked by the CLI) is used when the config leaves vocab_size at its default; an
+    explicit, different config.vocab_size is an error, not silently replaced (issue 14)."""
+    config = TransformerConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)  # vocab_size left at the default
+    module = CausalLM(config, vocab_size=77)
     module.configure_model()
     assert module.model.config.vocab_size == 77 and module.model.wte.num_embeddings == 77
+    with pytest.raises(ValueError, match=r"`config.vocab_size`=50 but the data's tokenizer has vocab_size=77"):
+        CausalLM(_config(50), vocab_size=77)
 
 
 def test_configure_model_is_idempotent():
@@ -125,7 +131,7 @@ def test_configure_model_is_idempotent():
     assert module.model is model
 
 
-def test_predict_generates_text(tmp_path, text_file):
+def test_predict_generates_text(text_file):
     dm = _datamodule(text_file)
     module = CausalLM(_config(dm.vocab_size), generation={"max_new_tokens": 5, "temperature": 0})
     module.configure_model()

@@ -12,7 +12,7 @@ import torch
 
 import lightning_llm.nn.attention as attention_mod
 from lightning_llm.config import TransformerConfig
-from lightning_llm.nn import Transformer, alibi_slopes
+from lightning_llm.nn import Transformer, alibi_bias, alibi_slopes
 from lightning_llm.nn.attention import AttentionInputs, CausalSelfAttention, flex_available
 
 
@@ -120,7 +120,8 @@ def test_backends_agree_on_logits_and_gradients(pos: str, n_kv_head: int) -> Non
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_alibi_matches_eager(eager_flex) -> None:
+@pytest.mark.usefixtures("eager_flex")
+def test_flex_alibi_matches_eager() -> None:
     """Grouped-query ALiBi through FlexAttention (score_mod + block_mask, enable_gqa) equals the eager reference."""
     torch.manual_seed(2)
     cfg = tiny("alibi", 2)
@@ -214,5 +215,16 @@ def test_alibi_bias_built_once_per_forward(monkeypatch) -> None:
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "masked_fill", spy)
+    helper = []  # the bias comes from the tested nn.alibi.alibi_bias, not from a copy of its math
+    monkeypatch.setattr(attention_mod, "alibi_bias", lambda *a: helper.append(1) or alibi_bias(*a))
     model(torch.randint(0, 61, (2, 8)))
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(helper) == 1
+
+
+def test_alibi_slopes_must_match_the_local_heads() -> None:
+    """Slopes sliced for fewer heads than q_proj gives (a sharding plan that forgot the projections) raise."""
+    attn = CausalSelfAttention(tiny("alibi", 2)).eval()
+    attn.alibi_slopes = attn.alibi_slopes[:2]
+    pos = torch.arange(4)[None]
+    with pytest.raises(ValueError, match="alibi_slopes` holds 2 slopes but the query projection gives 4 heads"):
+        attn(torch.randn(1, 4, 32), AttentionInputs(None, None, None, pos, pos, is_causal=True))

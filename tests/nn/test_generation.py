@@ -212,3 +212,68 @@ def test_generate_bad_input() -> None:
         generate(model, PROMPTS, max_new_tokens=45)
     with pytest.raises(ValueError, match="prompt"):
         generate(model, [[1, 2], []])
+
+
+# ------------------------------------------------------------------------------------------------------ argument checks
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(top_p=0.0), "top_p"),  # used to sample from the full distribution silently
+        (dict(top_p=-0.5), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=True), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(top_k=True), "top_k"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(max_new_tokens=2.0), "max_new_tokens"),
+    ],
+)
+def test_generate_rejects_bad_sampling_settings(kwargs: dict, name: str) -> None:
+    model = model_for("rope")
+    with pytest.raises(ValueError, match=rf"`{name}` must be .*received .*Fix: "):
+        generate(model, PROMPTS, **{"max_new_tokens": 2, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k")])
+def test_filter_logits_rejects_bad_settings(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=rf"`{name}` must be"):
+        filter_logits(torch.zeros(1, 5), **kwargs)
+
+
+def test_sampling_settings_that_mean_off() -> None:
+    """``top_k`` 0/None and ``top_p`` 1/None leave the logits untouched; the boundaries are accepted."""
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    for kwargs in (dict(top_k=0), dict(top_k=None), dict(top_p=1.0), dict(top_p=None), dict(top_k=11)):
+        assert torch.equal(filter_logits(logits, **kwargs), logits)
+    model = model_for("rope")
+    a = generate(
+        model,
+        PROMPTS,
+        max_new_tokens=3,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        generator=torch.Generator().manual_seed(1),
+    )
+    b = generate(model, PROMPTS, max_new_tokens=3, temperature=0.7, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize(
+    "prompts",
+    [torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long), []],
+)
+def test_empty_prompt_is_a_clear_error(prompts) -> None:
+    """An empty ``(B, 0)`` tensor used to die in a reshape inside the model."""
+    with pytest.raises(ValueError, match=r"`prompts` must be a non-empty .*received .*Fix: "):
+        generate(model_for("rope"), prompts, max_new_tokens=2)
+
+
+def test_prompt_mask_shape_checked() -> None:
+    ids, _ = left_pad(PROMPTS, 0)
+    with pytest.raises(ValueError, match="`prompt_mask` must have the shape"):
+        generate(model_for("rope"), ids, max_new_tokens=2, prompt_mask=torch.ones(4, 3, dtype=torch.long))

@@ -52,7 +52,7 @@ def test_gradient_paths(monkeypatch, path: str, frozen: str | None) -> None:
     import lightning_llm.nn.heads as heads
 
     if path == "generic":
-        monkeypatch.setattr(heads, "_is_plain", lambda t: False)
+        monkeypatch.setattr(heads, "is_plain", lambda t: False)
     hidden, weight, b = _leaves(30, 8, 21, True, seed=3)
     if frozen == "hidden":
         hidden.requires_grad_(False)

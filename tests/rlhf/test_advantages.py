@@ -5,7 +5,13 @@ import pytest
 import torch
 from trl.trainer.utils import nanstd
 
-from lightning_llm.rlhf import gae, group_relative_advantages, rloo_advantages, td_lambda_returns
+from lightning_llm.rlhf import (
+    gae,
+    group_relative_advantages,
+    rloo_advantages,
+    sequence_kl_penalized_scores,
+    td_lambda_returns,
+)
 
 
 def _naive_gae_row(rewards, values, gamma, lam):
@@ -183,3 +189,29 @@ def test_rloo_hand_and_trl():
         rloo_advantages(scores, 1)
     with pytest.raises(ValueError, match="multiple of `group_size`"):
         group_relative_advantages(scores, 3)
+
+
+def test_group_relative_advantages_scale_rewards_options():
+    scores = torch.randn(12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    # TRL GRPOTrainer, scale_rewards="batch": group-mean-centred, divided by nanstd of the whole batch (+1e-4)
+    centred = scores - scores.view(-1, 4).mean(1).repeat_interleave(4)
+    torch.testing.assert_close(
+        group_relative_advantages(scores, 4, scale_rewards="batch"), centred / (nanstd(scores) + 1e-4)
+    )
+    torch.testing.assert_close(group_relative_advantages(scores, 4, scale_rewards="group"), _trl_grpo(scores, 4, True))
+    torch.testing.assert_close(group_relative_advantages(scores, 4, scale_rewards="none"), centred)
+    # a group with equal rewards gives zero advantages (no signal), not NaN
+    flat = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    assert torch.equal(group_relative_advantages(flat, 3)[:3], torch.zeros(3))
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_relative_advantages(scores, 4, scale_rewards="global")
+
+
+def test_sequence_kl_penalized_scores_hand_values():
+    # row 0: logp - ref = (0.5, -0.25) -> KL 0.25; row 1: one valid token 1.0 (the padded one is ignored)
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 7.0]])
+    ref = torch.tensor([[-1.5, -1.75], [-1.5, float("nan")]])
+    mask = torch.tensor([[True, True], [True, False]])
+    scores, kl = sequence_kl_penalized_scores(torch.tensor([1.0, 2.0]), logp, ref, mask, beta=0.1)
+    torch.testing.assert_close(kl, torch.tensor([0.25, 1.0]))
+    torch.testing.assert_close(scores, torch.tensor([1.0 - 0.025, 2.0 - 0.1]))

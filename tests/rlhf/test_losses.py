@@ -102,23 +102,6 @@ def test_value_loss_hand_values():
 # ---------------------------------------------------------------- DPO / IPO
 
 
-def _trl_dpo_reference(pc, pr, rc, rr, beta, loss_type, label_smoothing=0.0, lc=None, lr=None):
-    """Transcribed from TRL: 1.x ``DPOTrainer._compute_loss`` ('sigmoid', 'ipo' with length normalisation) and
-    0.x ``DPOTrainer.dpo_loss`` ('sigmoid' with label_smoothing, i.e. cDPO)."""
-    chosen_logratios = pc - rc
-    rejected_logratios = pr - rr
-    if loss_type == "sigmoid":
-        logits = chosen_logratios - rejected_logratios
-        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
-    else:
-        if lc is not None:
-            ipo_delta = chosen_logratios / lc.clamp(min=1.0) - rejected_logratios / lr.clamp(min=1.0)
-        else:
-            ipo_delta = chosen_logratios - rejected_logratios
-        losses = (ipo_delta - 1 / (2 * beta)) ** 2
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-
-
 def test_dpo_hand_values():
     # h = (logp_c - ref_c) - (logp_r - ref_r) = (-5 - -6) - (-7 - -6) = 2; beta 0.1
     # sigmoid: -logsigmoid(0.2) = log(1 + e^-0.2); IPO: (2 - 1/0.2)^2 = 9
@@ -128,48 +111,63 @@ def test_dpo_hand_values():
     assert cr.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)
     loss_ipo, _, _ = dpo_loss(*args, beta=0.1, loss_type="ipo")
     assert loss_ipo.item() == pytest.approx(9.0)
+    # hinge: relu(1 - 0.1 * 2) = 0.8; sppo_hard: (lc - 5)^2 + (lr + 5)^2 = (1 - 5)^2 + (-1 + 5)^2 = 32
+    assert dpo_loss(*args, beta=0.1, loss_type="hinge")[0].item() == pytest.approx(0.8)
+    assert dpo_loss(*args, beta=0.1, loss_type="sppo_hard")[0].item() == pytest.approx(32.0)
+    # bco_pair: -logsigmoid(0.1) - logsigmoid(0.1) (lc = 1, lr = -1); apo_zero: 1 - sigmoid(0.1) + sigmoid(-0.1)
+    sig = 1 / (1 + math.exp(-0.1))
+    assert dpo_loss(*args, beta=0.1, loss_type="bco_pair")[0].item() == pytest.approx(-2 * math.log(sig))
+    assert dpo_loss(*args, beta=0.1, loss_type="apo_zero")[0].item() == pytest.approx(2 - 2 * sig)
+    # ipo with lengths (2, 4): (1/2 - -1/4 - 5)^2 = 4.25^2; sft: -(-5) / 2 = 2.5
+    lengths = {"chosen_lengths": torch.tensor([2]), "rejected_lengths": torch.tensor([4])}
+    assert dpo_loss(*args, beta=0.1, loss_type="ipo", **lengths)[0].item() == pytest.approx(4.25**2)
+    assert dpo_loss(*args, loss_type="sft", **lengths)[0].item() == pytest.approx(2.5)
+    # MPO-style weighted sum: 0.5 * hinge + 2 * sft = 0.4 + 5
+    mixed = dpo_loss(*args, beta=0.1, loss_type=["hinge", "sft"], loss_weights=[0.5, 2.0], **lengths)[0]
+    assert mixed.item() == pytest.approx(5.4)
+    # forward KL scores 1 - e^-lc = 1 - e^-1, 1 - e^1: sigmoid of beta * (e - e^-1)
+    fkl = dpo_loss(*args, beta=0.1, f_divergence_type="forward_kl")[0]
+    assert fkl.item() == pytest.approx(math.log1p(math.exp(-0.1 * (math.e - 1 / math.e))))
 
 
-@pytest.mark.parametrize(
-    ("loss_type", "ls", "lengths"),
-    [("sigmoid", 0.0, False), ("sigmoid", 0.2, False), ("ipo", 0.0, False), ("ipo", 0.0, True)],
-)
-def test_dpo_matches_trl(loss_type, ls, lengths):
+def test_dpo_reductions_and_gradient_direction():
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (-torch.rand(8, generator=g, dtype=torch.float64) * 20 for _ in range(4))
     pc.requires_grad_()
-    lc = torch.randint(1, 20, (8,), generator=g).double() if lengths else None
-    lr = torch.randint(0, 20, (8,), generator=g).double() if lengths else None
-    ours = dpo_loss(
-        pc,
-        pr,
-        rc,
-        rr,
-        beta=0.3,
-        loss_type=loss_type,
-        label_smoothing=ls,
-        chosen_lengths=lc,
-        rejected_lengths=lr,
-        reduction="none",
-    )
-    ref = _trl_dpo_reference(pc, pr, rc, rr, 0.3, loss_type, ls, lc, lr)
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b)
-    mean_loss, _, _ = dpo_loss(
-        pc, pr, rc, rr, beta=0.3, loss_type=loss_type, label_smoothing=ls, chosen_lengths=lc, rejected_lengths=lr
-    )
-    torch.testing.assert_close(mean_loss, ref[0].mean())
-    mean_loss.backward()
-    if loss_type == "sigmoid" and ls == 0.0:
-        assert (pc.grad < 0).all()  # raising the chosen log-prob lowers the DPO loss (cDPO may not: target 1 - ls)
+    per_pair, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, reduction="none")
+    assert per_pair.shape == (8,)
+    total, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, reduction="sum")
+    torch.testing.assert_close(total, per_pair.sum())
+    mean, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3)
+    mean.backward()
+    assert (pc.grad < 0).all()  # raising the chosen log-prob lowers the DPO loss
 
 
 def test_dpo_errors():
     x = torch.zeros(3)
-    with pytest.raises(ValueError, match="loss_type"):
-        dpo_loss(x, x, x, x, loss_type="hinge")
+    lengths = {"chosen_lengths": torch.ones(3), "rejected_lengths": torch.ones(3)}
+    with pytest.raises(ValueError, match="unknown `loss_type` 'kto'"):
+        dpo_loss(x, x, x, x, loss_type="kto")
+    with pytest.raises(ValueError, match="`loss_weights` must have one weight per loss type: 2"):
+        dpo_loss(x, x, x, x, loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(x, x, x, x, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="robust"):
+        dpo_loss(x, x, x, x, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="exo_pair"):
+        dpo_loss(x, x, x, x, loss_type="exo_pair")
+    with pytest.raises(ValueError, match="f_divergence_type"):
+        dpo_loss(x, x, x, x, loss_type="apo_zero", f_divergence_type="js_divergence")
+    with pytest.raises(ValueError, match="f_divergence_type"):
+        dpo_loss(x, x, x, x, f_divergence_type="chi2")
+    with pytest.raises(ValueError, match="needs `chosen_lengths`"):
+        dpo_loss(x, x, x, x, loss_type="sft")
+    with pytest.raises(ValueError, match="both"):
+        dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=torch.ones(3))
+    with pytest.raises(ValueError, match="`rejected_lengths` must be a \\(3,\\) tensor"):
+        dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(4))
+    with pytest.raises(ValueError, match="discopop_tau"):
+        dpo_loss(x, x, x, x, loss_type="discopop", discopop_tau=0.0, **lengths)
     with pytest.raises(ValueError, match="`ref_rejected_logp` must have the same shape"):
         dpo_loss(x, x, x, torch.zeros(4))
     with pytest.raises(ValueError, match="beta"):
@@ -194,14 +192,162 @@ def test_bradley_terry_hand_values():
     assert loss_m.item() == pytest.approx(math.log(2))
 
 
-def test_bradley_terry_matches_trl_reward_trainer():
+def test_bradley_terry_formula_with_margin_and_centering():
+    """The REFERENCES.md formula plus the centring term (TRL's own RewardTrainer is compared end to end in
+    tests/modules/test_trl_parity.py)."""
     g = torch.Generator().manual_seed(3)
     rc, rr = torch.randn(6, 1, generator=g), torch.randn(6, 1, generator=g)
     margin = torch.rand(6, generator=g)
-    # TRL RewardTrainer.compute_loss (transcribed), with squeezed (B,) rewards
     ref = -F.logsigmoid(rc[:, 0] - rr[:, 0] - margin).mean() + 0.01 * torch.mean((rc[:, 0] + rr[:, 0]) ** 2)
     loss, acc = bradley_terry_loss(rc, rr, margin=margin, center_rewards_coef=0.01)
     torch.testing.assert_close(loss, ref)
     assert acc.item() == pytest.approx((rc > rr).float().mean().item())
     with pytest.raises(ValueError, match="r_chosen"):
         bradley_terry_loss(torch.zeros(3, 2), torch.zeros(3, 2))
+
+
+# ---------------------------------------------------------------- GRPO / RLOO: parity with TRL's own loss code
+
+
+def _grpo_inputs(seed=0, b=6, t=5, truncate_row=None):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(b, t, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)  # ratios well outside the clip
+    ref = logp.detach() + 0.5 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    mask = torch.arange(t)[None] < lengths[:, None]  # right padding, ragged lengths
+    if truncate_row is not None:
+        mask[truncate_row] = False  # a masked truncated completion
+    return logp, old, ref, adv, mask
+
+
+def _trl_minimal(cls, logp, **attrs):
+    """A TRL trainer object with only what its ``_compute_loss`` reads; the model forward returns ``logp``."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    trainer = cls.__new__(cls)
+    defaults = {
+        "top_entropy_quantile": 1.0,
+        "off_policy_mask_threshold": None,
+        "importance_sampling_level": "token",
+        "use_vllm": False,
+        "vllm_importance_sampling_correction": False,
+        "model": torch.nn.Linear(1, 1).train(),
+        "current_gradient_accumulation_steps": 1,
+        "accelerator": SimpleNamespace(
+            num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x, gather_for_metrics=lambda x: x
+        ),
+        "_entropy_bonus_enabled": False,
+        "aux_loss_enabled": False,
+        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+        "args": SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+    }
+    for k, v in {**defaults, **attrs}.items():
+        setattr(trainer, k, v)
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
+    return trainer
+
+
+def _trl_inputs(logp, mask, adv, **extra):
+    b, t = logp.shape
+    return {
+        "prompt_ids": torch.zeros(b, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(b, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(b, t, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "advantages": adv,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_equals_trl_compute_loss(loss_type, beta):
+    from trl import GRPOTrainer
+
+    from lightning_llm.rlhf import grpo_loss
+
+    logp, old, ref, adv, mask = _grpo_inputs(truncate_row=2)
+    num_items = mask.sum()
+    trainer = _trl_minimal(
+        GRPOTrainer, logp, beta=beta, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, max_completion_length=7
+    )
+    inputs = _trl_inputs(
+        logp, mask, adv, old_per_token_logps=old, ref_per_token_logps=ref, num_items_in_batch=num_items
+    )
+    expected = trainer._compute_loss(None, inputs)
+    (g_expected,) = torch.autograd.grad(expected, logp)
+    ours, stats = grpo_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        ref_logp=ref,
+        beta=beta,
+        clip_eps=0.2,
+        clip_eps_high=0.28,
+        loss_type=loss_type,
+        max_completion_length=7,
+        num_items=num_items,
+    )
+    (g_ours,) = torch.autograd.grad(ours, logp)
+    assert abs(float(ours.detach()) - float(expected.detach())) < 1e-6
+    torch.testing.assert_close(g_ours, g_expected, rtol=1e-6, atol=1e-9)
+    metrics = trainer._metrics["train"]
+    assert float(stats["clip_ratio_region"]) == pytest.approx(metrics["clip_ratio/region_mean"][-1], abs=1e-6)
+    assert float(stats["clip_ratio_low"]) == pytest.approx(metrics["clip_ratio/low_mean"][-1], abs=1e-6)
+    if beta:
+        assert float(stats["kl"]) == pytest.approx(metrics["kl"][-1], abs=1e-6)
+    assert 0 < float(stats["clip_ratio_region"]) < 1  # the case exercises both branches of the min
+
+
+def test_grpo_loss_one_update_per_generation_has_ratio_one_and_policy_gradient():
+    from lightning_llm.rlhf import grpo_loss
+
+    logp, _, _, adv, mask = _grpo_inputs(seed=3)
+    loss, stats = grpo_loss(logp, logp.detach(), adv, mask, loss_type="bnpo")
+    # ratio 1: loss = -sum(A_i * n_i) / sum(n_i); gradient d/dlogp_it = -A_i / sum(n)
+    n = mask.sum(1).double()
+    assert float(loss.detach()) == pytest.approx(float(-(adv * n).sum() / n.sum()), abs=1e-12)
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, torch.where(mask, -adv[:, None] / n.sum(), 0.0))
+    assert float(stats["ratio_mean"]) == 1.0 and float(stats["clip_ratio_region"]) == 0.0
+
+
+def test_grpo_loss_errors():
+    from lightning_llm.rlhf import grpo_loss
+
+    logp, old, _, adv, mask = _grpo_inputs()
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(logp, old, adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_loss(logp, old, adv, mask, beta=0.1)
+    with pytest.raises(ValueError, match="one entry per row"):
+        grpo_loss(logp, old, adv[:-1], mask)
+    with pytest.raises(ValueError, match="non-finite"):
+        grpo_loss(logp, old, adv * float("nan"), mask)
+
+
+@pytest.mark.parametrize("eps_high", [None, 0.28])
+def test_rloo_loss_equals_trl_compute_loss(eps_high):
+    from trl import RLOOTrainer
+
+    from lightning_llm.rlhf import rloo_loss
+
+    logp, old, _, adv, mask = _grpo_inputs(seed=1, truncate_row=0)
+    old = logp.detach() + 0.5 * (old - logp.detach())  # sequence ratios inside and outside the clip range
+    old_seq = torch.where(mask, old, 0.0).sum(1)  # TRL stores old_logps = (old_per_token_logps * mask).sum(1)
+    trainer = _trl_minimal(RLOOTrainer, logp, epsilon_low=0.2, epsilon_high=0.2 if eps_high is None else eps_high)
+    expected = trainer._compute_loss(None, _trl_inputs(logp, mask, adv, old_logps=old_seq))
+    (g_expected,) = torch.autograd.grad(expected, logp)
+    ours, stats = rloo_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=eps_high)
+    (g_ours,) = torch.autograd.grad(ours, logp)
+    assert abs(float(ours.detach()) - float(expected.detach())) < 1e-6
+    torch.testing.assert_close(g_ours, g_expected, rtol=1e-6, atol=1e-9)
+    ours_seq, _ = rloo_loss(logp, old_seq, adv, mask, clip_eps=0.2, clip_eps_high=eps_high)  # (B,) old sums
+    assert abs(float(ours_seq.detach()) - float(expected.detach())) < 1e-6
+    metrics = trainer._metrics["train"]
+    assert float(stats["clip_ratio_region"]) == pytest.approx(metrics["clip_ratio/region_mean"][-1], abs=1e-6)
+    assert 0 < float(stats["clip_ratio_region"]) < 1

@@ -123,3 +123,41 @@ def _check_confidence_correct(confidence: object, correct: object) -> tuple[Tens
                 " Fix: threshold partial scores (e.g. `correct = exact_match >= 1`)."
             )
     return conf, corr
+
+
+def _check_logprobs_mask(
+    logprobs: object,
+    mask: object | None,
+    validate_args: bool = True,
+    name: str = "logprobs",
+    allow_neg_inf: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Check float ``logprobs`` (<= 0, finite at scored positions; ``-inf`` too if ``allow_neg_inf``) and a bool
+    ``mask`` of the same shape (``None``: all True); return both."""
+    logprobs = _check_tensor(name, logprobs)
+    _check_float(name, logprobs)
+    if mask is None:
+        mask = torch.ones_like(logprobs, dtype=torch.bool)
+    mask = _check_tensor("mask", mask)
+    if mask.shape != logprobs.shape:
+        raise ValueError(
+            f"`mask` must have the same shape as `{name}` (one flag per token), received {tuple(mask.shape)} and"
+            f" {tuple(logprobs.shape)}. Fix: pass the attention/loss mask aligned with the scored tokens."
+        )
+    if mask.is_floating_point() and validate_args and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("`mask` must contain only 0/1 or False/True. Fix: pass a boolean mask of scored tokens.")
+    mask = mask.bool()
+    if validate_args and mask.any():
+        scored = logprobs[mask]
+        ok = ~torch.isnan(scored) & (scored != float("inf")) if allow_neg_inf else torch.isfinite(scored)
+        if not bool(ok.all()):
+            raise ValueError(
+                f"`{name}` contains NaN or inf at a scored (mask=True) position. Expected finite log-probabilities"
+                " <= 0. Fix: mask padding with `mask`, or check the scoring model for overflow."
+            )
+        if float(scored.max()) > 1e-5:
+            raise ValueError(
+                f"`{name}` must be log-probabilities (<= 0), received a value {float(scored.max()):.4g} > 0."
+                " Fix: pass `lightning_llm.ops.token_logprobs(logits, target)`, not raw logits or probabilities."
+            )
+    return logprobs, mask

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_llm.metrics.functional._checks import _check_float, _check_tensor
+from lightning_llm.metrics.functional._checks import _check_float, _check_logprobs_mask, _check_tensor
 
 
 def multiple_choice_confidence(
@@ -83,24 +83,10 @@ def generation_confidence(token_logprobs: Tensor, mask: Tensor | None = None) ->
         tensor([0.2500], dtype=torch.float64)
     """
     lp = _check_tensor("token_logprobs", token_logprobs)
-    _check_float("token_logprobs", lp)
     if lp.ndim == 1:
         lp = lp.unsqueeze(0)
         mask = None if mask is None else mask.unsqueeze(0)
     if lp.ndim != 2:
         raise ValueError(f"`token_logprobs` must have shape (N, T), received {tuple(token_logprobs.shape)}.")
-    if mask is None:
-        mask = torch.ones_like(lp, dtype=torch.bool)
-    mask = _check_tensor("mask", mask)
-    if mask.shape != lp.shape:
-        raise ValueError(
-            f"`mask` must have the shape of `token_logprobs`, received {tuple(mask.shape)} and {tuple(lp.shape)}."
-        )
-    mask = mask.bool()
-    scored = lp[mask]
-    if bool(torch.isnan(scored).any()) or bool((scored > 1e-5).any()):
-        raise ValueError(
-            "`token_logprobs` must be log-probabilities (<= 0, no NaN) at masked positions. Fix: pass"
-            " log_softmax(logits).gather(-1, tokens), not logits."
-        )
+    lp, mask = _check_logprobs_mask(lp, mask, name="token_logprobs", allow_neg_inf=True)
     return torch.exp(torch.where(mask, lp.detach().to(torch.float64), 0.0).sum(dim=1))

@@ -8,8 +8,8 @@ lm-evaluation-harness's ``lambada_openai``:
   position;
 * ``ppl``: ``exp(-mean over examples of the summed target log-probability)``, per example, not per token.
 
-Log-probabilities are taken in float32 (float64 for float64 logits) over only the rows that hold target tokens,
-in chunks, so the cost is independent of the context length.
+Log-probabilities come from :func:`lightning_llm.ops.token_logprobs` (float32, float64 for float64 logits), taken over
+only the rows that hold target tokens, in chunks, so the cost is independent of the context length.
 
 Notation:
     B: examples (rows), T: sequence length, V: vocabulary size, K: number of target tokens in the batch.
@@ -17,18 +17,19 @@ Notation:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_llm.metrics.functional._checks import _check_ignore_index, _check_logits_target, _check_target_range
-from lightning_llm.metrics.functional.language_modeling import _chunk_rows, _compute_dtype
+from lightning_llm.ops import IGNORE_INDEX, chunk_rows, compute_dtype, token_logprobs
 
 
 def lambada_update(
     logits: Tensor,
     target: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_bytes: int | None = None,
     validate_args: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -72,18 +73,17 @@ def lambada_update(
             f" received rows {empty} with none. Fix: drop empty examples, or check that the continuation was not"
             " truncated away."
         )
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     flat_logits = logits.reshape(B * T, V)  # (B*T, V), a view for contiguous logits
     tok_target = flat_target[positions]  # (K,)
     token_logprob = torch.empty(positions.numel(), dtype=dtype, device=logits.device)  # (K,)
     token_hit = torch.empty(positions.numel(), dtype=torch.bool, device=logits.device)  # (K,)
-    rows = _chunk_rows(V, logits.device, chunk_bytes, torch.finfo(dtype).bits // 8)
+    rows = chunk_rows(V, logits.device, chunk_bytes, torch.finfo(dtype).bits // 8)
     for start in range(0, positions.numel(), rows):
-        sel = positions[start : start + rows]
-        logp = F.log_softmax(flat_logits.index_select(0, sel).to(dtype), dim=-1)  # (k, V)
+        scored = flat_logits.index_select(0, positions[start : start + rows])  # (k, V), only the target rows
         tgt = tok_target[start : start + rows]
-        token_logprob[start : start + rows] = logp.gather(1, tgt[:, None]).squeeze(1)
-        token_hit[start : start + rows] = logp.argmax(dim=-1) == tgt
+        token_logprob[start : start + rows] = token_logprobs(scored, tgt, chunk_size=rows)
+        token_hit[start : start + rows] = scored.argmax(dim=-1) == tgt  # argmax of logits = argmax of log-softmax
     if validate_args and positions.numel() and not bool(torch.isfinite(token_logprob).all()):
         raise ValueError(
             "`logits` produced a non-finite log-probability at a target position (NaN/+inf in the row, or -inf at the"
@@ -107,10 +107,10 @@ def lambada_compute(correct: Tensor, logprob_sum: Tensor, n: Tensor) -> dict[str
     return {"acc": correct.to(torch.float64) / n64, "ppl": torch.exp(-logprob_sum.to(torch.float64) / n64)}
 
 
-def lambada_accuracy(
-    logits: Tensor, target: Tensor, ignore_index: int = -100, chunk_bytes: int | None = None, validate_args: bool = True
-) -> dict[str, Tensor]:
+def lambada_accuracy(logits: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
     """LAMBADA ``{"acc", "ppl"}`` of one batch (each row one example), lm-evaluation-harness definitions.
+
+    Further arguments are those of :func:`lambada_update` (``ignore_index``, ``chunk_bytes``, ``validate_args``).
 
     Example:
         >>> import torch
@@ -119,5 +119,5 @@ def lambada_accuracy(
         >>> out["acc"].item(), round(out["ppl"].item(), 4)  # ppl = exp(log 4) = 4
         (0.0, 4.0)
     """
-    correct, logprob = lambada_update(logits, target, ignore_index, chunk_bytes, validate_args)
+    correct, logprob = lambada_update(logits, target, *args, **kwargs)
     return lambada_compute(correct.sum(), logprob.sum(), torch.tensor(correct.numel()))

@@ -3,22 +3,13 @@
 Perplexity is ``exp(sum of token NLL / number of scored tokens)`` with the natural log; bits per byte is
 ``sum of token NLL / (ln 2 * number of UTF-8 bytes)``, which compares models with different tokenizers.
 
-How it is computed (and why it differs from ``torchmetrics.functional.text.perplexity``):
-
-* log-softmax via ``F.cross_entropy`` (never softmax-then-log, which underflows to ``log(0) = -inf`` once a logit
-  gap exceeds ~104 in float32 or ~17 in float16), in float32, or float64 when the logits are float64;
-* over the flattened ``B*T`` rows in chunks, each chunk upcast on its own into one reused buffer (and its
-  log-softmax written into another, ``out=``), so no second full-size float32 copy of the logits is ever made
-  (torchmetrics materialises a full softmax) and no allocation happens per chunk; when the logits require grad,
-  ``F.cross_entropy`` per chunk keeps the result differentiable;
-* the NLL sum in float64 and the token count in int64, exact far past 2^24 tokens.
-
-Chunk size: ``rows = max(1, chunk_bytes // (V * 4))`` with ``chunk_bytes`` defaulting to
-``DEFAULT_CHUNK_BYTES_CPU = 8 MiB`` on CPU (the chunk and its log-softmax stay in the L2/L3 cache and the allocator
-reuses the same small blocks instead of page-faulting a fresh multi-GB buffer; measured fastest between 2 and
-16 MiB for V = 32000 and 50304 on a 2-core x86 CPU) and ``DEFAULT_CHUNK_BYTES_ACCELERATOR = 256 MiB`` elsewhere
-(large enough to keep a GPU busy, small next to the logits of a real model). The peak extra memory is about
-one chunk for float32/float64 logits and two chunks (upcast copy + log-softmax) for float16/bfloat16.
+How it is computed (and why it differs from ``torchmetrics.functional.text.perplexity``): the token
+log-probabilities come from :func:`lightning_llm.ops.token_logprobs`, a log-softmax (never softmax-then-log, which
+underflows to ``log(0) = -inf`` once a logit gap exceeds ~104 in float32 or ~17 in float16) in float32 (float64 kept),
+over the flattened ``B*T`` rows in chunks of a byte budget (``chunk_bytes``; default 8 MiB on CPU, 256 MiB elsewhere,
+see :func:`lightning_llm.ops.chunk_rows`), each chunk upcast into one reused buffer, so no second full-size float32
+copy of the logits is ever made (torchmetrics materialises a full softmax), and differentiable without storing one.
+The NLL sum is taken in float64 and the token count in int64, exact far past 2^24 tokens.
 
 Notation:
     B: batch size, T: sequence length, V: vocabulary size, N = B*T flattened rows, K: rows in one chunk.
@@ -28,54 +19,19 @@ Notation:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_llm.metrics.functional._checks import (
-    _check_float,
     _check_ignore_index,
     _check_logits_target,
+    _check_logprobs_mask,
     _check_target_range,
     _check_tensor,
 )
-
-DEFAULT_CHUNK_BYTES_CPU = 8 * 1024**2
-DEFAULT_CHUNK_BYTES_ACCELERATOR = 256 * 1024**2
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every narrower float is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _chunk_rows(vocab_size: int, device: torch.device, chunk_bytes: int | None, itemsize: int = 4) -> int:
-    """Rows per chunk so that one chunk in the compute dtype takes at most ``chunk_bytes`` bytes (at least one row)."""
-    if chunk_bytes is None:
-        chunk_bytes = DEFAULT_CHUNK_BYTES_CPU if device.type == "cpu" else DEFAULT_CHUNK_BYTES_ACCELERATOR
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"`chunk_bytes` must be None or a positive int (bytes), received {chunk_bytes!r}.")
-    return max(1, chunk_bytes // (vocab_size * itemsize))
-
-
-def _row_chunks(logits: Tensor, rows: int) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(flat_start, chunk)`` with ``chunk`` a ``(k <= rows, V)`` view of consecutive flattened rows.
-
-    Never copies the logits: when ``(B, T, V)`` cannot be viewed as ``(B*T, V)`` (e.g. a transposed tensor),
-    chunks are taken along T inside each sequence.
-    """
-    B, T, V = logits.shape
-    try:
-        flat = logits.view(B * T, V)  # (N, V)
-    except RuntimeError:
-        for b in range(B):
-            for t in range(0, T, rows):
-                yield b * T + t, logits[b, t : t + rows]  # (k, V)
-        return
-    for start in range(0, B * T, rows):
-        yield start, flat[start : start + rows]  # (k, V)
+from lightning_llm.ops import IGNORE_INDEX, chunk_rows, compute_dtype, token_logprobs
 
 
 def token_nll(
@@ -105,27 +61,12 @@ def token_nll(
     flat_target = target.reshape(B * T)  # (N,)
     valid = flat_target != ignore_index if ignore_index is not None else torch.ones_like(flat_target, dtype=torch.bool)
     in_vocab = (flat_target >= 0) & (flat_target < V)
-    dtype = _compute_dtype(logits.dtype)
-    # Ignored (and, until the check below, out-of-vocabulary) positions get the label -100 internally, so any user
-    # ignore_index (even one inside [0, V)) works and a bad id cannot crash the kernel before our error message.
-    ce_target = torch.where(valid & in_vocab, flat_target, torch.full_like(flat_target, -100))
-    rows = _chunk_rows(V, logits.device, chunk_bytes, torch.finfo(dtype).bits // 8)
-    nll = torch.empty(B * T, dtype=dtype, device=logits.device)  # (N,)
-    if torch.is_grad_enabled() and logits.requires_grad:  # differentiable path: fresh tensors per chunk
-        for start, chunk in _row_chunks(logits, rows):
-            k = chunk.shape[0]
-            nll[start : start + k] = F.cross_entropy(chunk.to(dtype), ce_target[start : start + k], reduction="none")
-    else:  # two reused chunk buffers: no per-chunk allocation, page faults or TLB shootdowns
-        out = torch.empty(min(rows, B * T), V, dtype=dtype, device=logits.device)  # (K, V) log-softmax
-        up = None if logits.dtype == dtype else torch.empty_like(out)  # (K, V) upcast copy
-        safe_target = ce_target.clamp(min=0)  # ignored rows read column 0, zeroed below
-        for start, chunk in _row_chunks(logits, rows):
-            k = chunk.shape[0]
-            src = chunk if up is None else up[:k].copy_(chunk)
-            torch.log_softmax(src, dim=-1, out=out[:k])
-            nll[start : start + k] = out[:k].gather(1, safe_target[start : start + k, None]).squeeze(1).neg_()
-        nll.masked_fill_(ce_target < 0, 0.0)
     scored = valid & in_vocab
+    # Unscored (and, until the check below, out-of-vocabulary) positions get the internal IGNORE_INDEX, so any user
+    # ignore_index (even one inside [0, V)) works and a bad id cannot crash the kernel before our error message.
+    rows = chunk_rows(V, logits.device, chunk_bytes, torch.finfo(compute_dtype(logits.dtype)).bits // 8)
+    logp = token_logprobs(logits, torch.where(scored, flat_target, IGNORE_INDEX).view(B, T), chunk_size=rows)
+    nll = torch.where(scored, -logp.view(B * T), 0.0)  # (N,)
     if not validate_args or B * T == 0:
         return nll.view(B, T), scored.view(B, T)
     # one host sync for both checks
@@ -142,45 +83,13 @@ def token_nll(
     return nll.view(B, T), scored.view(B, T)
 
 
-def _perplexity_update(
-    logits: Tensor,
-    target: Tensor,
-    ignore_index: int | None = None,
-    chunk_bytes: int | None = None,
-    validate_args: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Return ``(nll_sum, count)``: the float64 NLL sum (nats) and the int64 number of scored tokens."""
-    nll, valid = token_nll(logits, target, ignore_index, chunk_bytes, validate_args)
+def _perplexity_update(logits: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """Return ``(nll_sum, count)``: the float64 NLL sum (nats) and the int64 number of scored tokens.
+
+    Further arguments are those of :func:`token_nll` (``ignore_index``, ``chunk_bytes``, ``validate_args``).
+    """
+    nll, valid = token_nll(logits, target, *args, **kwargs)
     return nll.sum(dtype=torch.float64), valid.sum(dtype=torch.int64)
-
-
-def _check_logprobs_mask(logprobs: object, mask: object | None, validate_args: bool = True) -> tuple[Tensor, Tensor]:
-    logprobs = _check_tensor("logprobs", logprobs)
-    _check_float("logprobs", logprobs)
-    if mask is None:
-        mask = torch.ones_like(logprobs, dtype=torch.bool)
-    mask = _check_tensor("mask", mask)
-    if mask.shape != logprobs.shape:
-        raise ValueError(
-            f"`mask` must have the same shape as `logprobs` (one flag per token), received {tuple(mask.shape)} and"
-            f" {tuple(logprobs.shape)}. Fix: pass the attention/loss mask aligned with the scored tokens."
-        )
-    if mask.is_floating_point() and validate_args and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("`mask` must contain only 0/1 or False/True. Fix: pass a boolean mask of scored tokens.")
-    mask = mask.bool()
-    if validate_args and mask.any():
-        scored = logprobs[mask]
-        if not bool(torch.isfinite(scored).all()):
-            raise ValueError(
-                "`logprobs` contains NaN or inf at a scored (mask=True) position. Expected finite log-probabilities"
-                " <= 0. Fix: mask padding with `mask`, or check the scoring model for overflow."
-            )
-        if float(scored.max()) > 1e-5:
-            raise ValueError(
-                f"`logprobs` must be log-probabilities (<= 0), received a value {float(scored.max()):.4g} > 0."
-                " Fix: pass `log_softmax(logits).gather(-1, target)`, not raw logits or probabilities."
-            )
-    return logprobs, mask
 
 
 def _perplexity_from_logprobs_update(
