@@ -1,0 +1,270 @@
+"""LoRA on any ``torch.nn.Module`` through ``peft`` (pure torch + peft; no Lightning).
+
+``W x + s B A x`` with ``A (r, in)`` Kaiming-uniform, ``B (out, r)`` zero (training starts at the base model) and
+``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). Adapters are injected in place with ``peft.inject_adapter_in_model``
+(the module keeps its class and its forward; each targeted ``nn.Linear`` becomes a ``peft`` ``lora.Linear`` whose
+base weight sits at ``<name>.base_layer.weight`` and adapters at ``<name>.lora_A.default.weight`` /
+``<name>.lora_B.default.weight``). Only adapter weights are trainable afterwards.
+
+* :func:`apply_lora` validates the settings (targets that match nothing, a rank larger than a layer) and injects;
+* :func:`adapters_disabled` is a context manager running the base model (the reference model of DPO / PPO, no copy);
+* :func:`merge_lora` folds ``s B A`` into the base weights and removes the adapter layers;
+* :func:`lora_state_dict` / :func:`load_lora_checkpoint` store and restore adapters without the frozen base.
+
+Notation: r rank, s scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LoraSettings",
+    "ReferenceView",
+    "adapters_disabled",
+    "apply_lora",
+    "has_lora",
+    "load_lora_checkpoint",
+    "lora_layers",
+    "merge_lora",
+]
+
+#: the linear layers of :class:`~lightning_llm.nn.Transformer` LoRA may target
+TRANSFORMER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (peft's names in brackets).
+
+    Args:
+        r: rank (``r``; peft default 8).
+        alpha: scale numerator (``lora_alpha``; default 8 like peft): the update is ``alpha / r * B A``.
+        dropout: dropout on the adapter's input (``lora_dropout``).
+        target_modules: module names (the last part of the name, e.g. ``q_proj``) or ``"all-linear"`` (every
+            projection of the blocks).
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+
+    @classmethod
+    def from_any(cls, value: LoraSettings | dict[str, Any]) -> LoraSettings:
+        if isinstance(value, LoraSettings):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"`lora` must be a dict of LoraSettings fields, got {type(value).__name__}.")
+        aliases = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+        value = {aliases.get(k, k): v for k, v in value.items()}
+        unknown = set(value) - {"r", "alpha", "dropout", "target_modules", "use_rslora"}
+        if unknown:
+            raise ValueError(
+                f"`lora` has unknown keys {sorted(unknown)}; expected r, alpha, dropout, target_modules, use_rslora."
+            )
+        out = cls(**value)
+        if isinstance(out.target_modules, str):
+            out.target_modules = (
+                [n for n in TRANSFORMER_LINEARS if n != "lm_head"]
+                if out.target_modules == "all-linear"
+                else [out.target_modules]
+            )
+        if isinstance(out.r, bool) or not isinstance(out.r, int) or out.r < 1:
+            raise ValueError(f"`lora.r` (the rank) must be a positive integer, got {out.r!r}.")
+        if not 0.0 <= float(out.dropout) < 1.0:
+            raise ValueError(f"`lora.dropout` must be in [0, 1), got {out.dropout!r}.")
+        if not out.target_modules:
+            raise ValueError("`lora.target_modules` is empty; name at least one layer, e.g. [q_proj, v_proj].")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def peft_config(self, target_modules: Sequence[str] | None = None, **kwargs: Any):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(target_modules or self.target_modules),
+            use_rslora=self.use_rslora,
+            **kwargs,
+        )
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The peft LoRA layers inside ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith(f".{target}")
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.Module:
+    """Inject LoRA adapters into ``model`` in place (``peft.inject_adapter_in_model``); only adapters stay trainable.
+
+    Raises:
+        ValueError: a target that matches no ``nn.Linear`` of the model (names the linear layers it has), or a rank
+            larger than ``min(in_features, out_features)`` of a targeted layer.
+    """
+    from peft import inject_adapter_in_model
+
+    settings = LoraSettings.from_any(settings)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    available = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    for target in settings.target_modules:
+        hits = [name for name in linears if _matches(name, target)]
+        if not hits:
+            raise ValueError(
+                f"`lora.target_modules` entry {target!r} matches no linear layer of the model; it has {available}. "
+                "Use those names (e.g. [q_proj, v_proj]) or 'all-linear'."
+            )
+        for name in hits:
+            lin = linears[name]
+            if settings.r > min(lin.in_features, lin.out_features):
+                raise ValueError(
+                    f"`lora.r`={settings.r} is larger than the layer {name!r} ({lin.in_features} -> "
+                    f"{lin.out_features}): a rank-r update cannot exceed min(in, out)="
+                    f"{min(lin.in_features, lin.out_features)}. Use r <= {min(lin.in_features, lin.out_features)}."
+                )
+    model.requires_grad_(False)
+    inject_adapter_in_model(settings.peft_config(), model)
+    for layer in lora_layers(model):  # peft's own freezing marks only adapters trainable; make it explicit
+        for p in layer.lora_A.parameters():
+            p.requires_grad_(True)
+        for p in layer.lora_B.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base (every LoRA layer off) inside the block; restores the adapters afterwards."""
+    layers = lora_layers(model)
+    grads = [[p.requires_grad for p in layer.parameters()] for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer, flags in zip(layers, grads, strict=True):
+            layer.enable_adapters(True)
+            for p, flag in zip(layer.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+
+
+class ReferenceView:
+    """The frozen base of a LoRA model, without a copy: calls run ``model`` with its adapters disabled, under no grad.
+
+    Not an ``nn.Module`` on purpose: assigning it to a LightningModule attribute registers no second set of weights.
+    ``eval()`` / ``train()`` / ``requires_grad_()`` are no-ops returning the view (the model's own mode is kept).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad(), adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.model, name)
+        if name in ("forward", "logits", "generate") and callable(attr):
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                with torch.no_grad(), adapters_disabled(self.model):
+                    return attr(*args, **kwargs)
+
+            return call
+        return attr
+
+    def eval(self) -> ReferenceView:
+        return self
+
+    def train(self, mode: bool = True) -> ReferenceView:
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> ReferenceView:
+        return self
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return iter(())
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:  # the policy is compiled once, as itself
+        return None
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (``W + s B A``) and put the plain ``nn.Linear`` back; returns ``model``
+    (changed in place) with every parameter trainable again, as a model without LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    model.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The adapter entries (``lora_A`` / ``lora_B``) of a state dict under ``prefix``."""
+    return {k: v for k, v in state.items() if k.startswith(prefix) and (".lora_A." in k or ".lora_B." in k)}
+
+
+def load_lora_checkpoint(
+    checkpoint: dict[str, Any],
+    load_base: Callable[[str], tuple[nn.Module, Any]],
+    prefixes: Sequence[str] = ("model.", "policy.", "backbone."),
+    where: str = "the checkpoint",
+    merge: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Rebuild the model of a LoRA checkpoint of ours: its base (``checkpoint["lora"]["base"]``, read with
+    ``load_base``), the adapters it stores, merged (``merge=True``) or not.
+
+    Returns:
+        ``(model, base tokenizer)``.
+    """
+    info = checkpoint.get("lora")
+    if not isinstance(info, dict) or "settings" not in info:
+        raise ValueError(f"{where} is not a LoRA checkpoint of ours (no 'lora' entry).")
+    if info.get("base") is None:
+        raise ValueError(
+            f"{where} stores LoRA adapters without a base reference; it was trained from a config, so its base weights "
+            "are in the checkpoint itself: load it as an ordinary checkpoint."
+        )
+    state = checkpoint.get("state_dict", {})
+    prefix = next((p for p in prefixes if any(k.startswith(p) and ".lora_A." in k for k in state)), None)
+    if prefix is None:
+        raise ValueError(f"{where}: no LoRA adapter weights under any of the prefixes {list(prefixes)}.")
+    model, tokenizer = load_base(info["base"])
+    apply_lora(model, info["settings"])
+    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    own = model.state_dict()
+    unexpected = [k for k in sub if k not in own]
+    if unexpected:
+        raise ValueError(f"{where}: adapter weights {unexpected[:4]} do not fit the base model {info['base']!r}.")
+    model.load_state_dict(sub, strict=False)
+    if merge:
+        merge_lora(model)
+    return model, tokenizer
