@@ -1,0 +1,252 @@
+"""GRPO iteration: our :class:`lightning_llm.modules.GRPO` vs TRL's ``GRPOTrainer``, side by side, on CPU.
+
+    python benchmarks/grpo.py [--prompts 8] [--generations 8] [--new-tokens 16] [--steps 6] [--json PATH]
+
+Both sides load the SAME tiny random Hugging Face ``LlamaForCausalLM`` directory (saved here with this project's
+character tokenizer, which ``transformers.AutoTokenizer`` reads), get the same prompts (the embedded letters task),
+the same reward function (:class:`~lightning_llm.data.synthetic.TargetCharReward`, TRL's signature), the same G,
+completion budget, temperature 1, ``beta = 0``, ``loss_type = "dapo"`` and one optimiser step per generation batch
+(TRL: ``per_device_train_batch_size = prompts x G``, ``steps_per_generation = 1``).
+
+Measured:
+
+* **seconds per iteration**: one generation batch end to end (generate, score, advantages, forward/backward, AdamW
+  step); the median over ``--steps`` iterations after one warm-up iteration (Lightning's / HF Trainer's loop
+  overhead included on both sides);
+* the same in CPU seconds of the benchmark process (``time.process_time``, all threads): on a shared machine the
+  wall time includes waiting for other processes, the CPU time does not;
+* **generation tokens/s**: generated tokens (up to and including EOS, counted from the completion masks) per second
+  of each side's own generation path: :func:`lightning_llm.nn.generate` (KV cache) vs TRL's ``_generate`` (Hugging
+  Face ``generate`` with its cache), median of ``--steps`` calls on the same B x G prompts.
+
+Prints a table with ratios (TRL / ours for time, ours / TRL for throughput); ``--json PATH`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_model_dir(root: Path, hidden: int, layers: int, heads: int) -> Path:
+    """A random tiny Llama + this project's character tokenizer, saved as a Hugging Face directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_llm.data.synthetic import char_tokenizer
+
+    tok = char_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tok.eos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
+    torch.manual_seed(0)
+    path = root / "policy"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save(path)
+    return path
+
+
+class _Timer:
+    """Wall time and CPU time (of this process, all threads) of each training step or call."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+        self._t0 = self._c0 = 0.0
+
+    def start(self) -> None:
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def stop(self) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+        self.cpu.append(time.process_time() - self._c0)
+
+    def result(self, tokens: list[float] | None = None) -> dict[str, float]:
+        skip = 1 if tokens is None else 0  # the first training step is the warm-up
+        out = {"wall": statistics.median(self.times[skip:]), "cpu": statistics.median(self.cpu[skip:])}
+        if tokens is not None:
+            out = {
+                "wall": statistics.median(n / t for n, t in zip(tokens, self.times)),
+                "cpu": statistics.median(n / t for n, t in zip(tokens, self.cpu)),
+            }
+        return out
+
+
+def bench_ours(path: Path, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
+    import lightning as L
+
+    from lightning_llm.data.prompts import PromptDataModule
+    from lightning_llm.data.synthetic import TargetCharReward
+    from lightning_llm.modules import GRPO
+    from lightning_llm.nn.generation import generate
+
+    timer = _Timer()
+
+    class Timing(L.Callback):
+        def on_train_batch_start(self, *a) -> None:
+            timer.start()
+
+        def on_train_batch_end(self, *a) -> None:
+            timer.stop()
+
+    n = args.prompts * (args.steps + 1)
+    texts = (prompts * (n // len(prompts) + 1))[:n]
+    dm = PromptDataModule(prompts=texts, val_fraction=0, tokenizer=str(path), batch_size=args.prompts)
+    model = GRPO(
+        pretrained=str(path),
+        reward_functions=[TargetCharReward("a", args.new_tokens)],
+        num_generations=args.generations,
+        max_new_tokens=args.new_tokens,
+        learning_rate=1e-6,
+        log_completions_every_n_steps=0,
+    )
+    trainer = L.Trainer(
+        max_steps=args.steps + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Timing()],
+    )
+    trainer.fit(model, datamodule=dm)
+    step = timer.result()
+    tok = model.tokenizer
+    ids = [tok.encode(p) for p in prompts[: args.prompts] for _ in range(args.generations)]
+    gen, tokens = _Timer(), []
+    for _ in range(args.steps):
+        gen.start()
+        out = generate(model.policy, ids, max_new_tokens=args.new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        gen.stop()
+        tokens.append(float(out.response_mask.sum()))
+    return _rows(step, gen.result(tokens))
+
+
+def _rows(step: dict[str, float], gen: dict[str, float]) -> dict[str, float]:
+    return {
+        "seconds_per_iteration": step["wall"],
+        "cpu_seconds_per_iteration": step["cpu"],
+        "generation_tokens_per_s": gen["wall"],
+        "generation_tokens_per_cpu_s": gen["cpu"],
+    }
+
+
+def bench_trl(path: Path, prompts: list[str], args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lightning_llm.data.synthetic import TargetCharReward
+
+    timer = _Timer()
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, *a, **k) -> None:
+            timer.start()
+
+        def on_step_end(self, *a, **k) -> None:
+            timer.stop()
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = GRPOConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=args.prompts * args.generations,
+        gradient_accumulation_steps=1,
+        num_generations=args.generations,
+        max_completion_length=args.new_tokens,
+        max_steps=args.steps + 1,
+        learning_rate=1e-6,
+        beta=0.0,
+        loss_type="dapo",
+        temperature=1.0,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1000,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    data = Dataset.from_dict({"prompt": (prompts * (args.steps + 2))[: args.prompts * (args.steps + 2)]})
+    trainer = GRPOTrainer(
+        model=str(path),
+        reward_funcs=[TargetCharReward("a", args.new_tokens)],
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[Timing()],
+    )
+    trainer.train()
+    step = timer.result()
+    batch = [p for p in prompts[: args.prompts] for _ in range(args.generations)]
+    gen, tokens = _Timer(), []
+    trainer.model.eval()
+    for _ in range(args.steps):
+        gen.start()
+        completion_ids = trainer._generate(batch)[1]
+        gen.stop()
+        tokens.append(float(sum(len(c) for c in completion_ids)))
+    return _rows(step, gen.result(tokens))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per generation batch")
+    parser.add_argument("--generations", type=int, default=8, help="G, completions per prompt")
+    parser.add_argument("--new-tokens", type=int, default=16, help="completion budget")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6, help="timed iterations (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=str, default=None, help="write the rows to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from lightning_llm.data.synthetic import synthetic_prompts
+
+    prompts = synthetic_prompts(max(args.prompts, 64), seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_model_dir(Path(tmp), args.hidden, args.layers, args.heads)
+        ours = bench_ours(path, prompts, args)
+        trl = bench_trl(path, prompts, args, Path(tmp) / "trl")
+    rows = []
+    for metric in ours:
+        lower_is_better = metric.endswith("per_iteration")
+        ratio = trl[metric] / ours[metric] if lower_is_better else ours[metric] / trl[metric]
+        rows.append({"metric": metric, "ours": ours[metric], "trl": trl[metric], "speedup": ratio})
+    setting = (
+        f"B={args.prompts} prompts x G={args.generations}, {args.new_tokens} new tokens, Llama {args.layers}x"
+        f"{args.hidden}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"\nGRPO iteration on CPU ({setting})")
+    print(f"{'metric':<30}{'ours':>12}{'TRL':>12}{'ours vs TRL':>14}")
+    for r in rows:
+        print(f"{r['metric']:<30}{r['ours']:>12.4g}{r['trl']:>12.4g}{r['speedup']:>13.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setting": setting, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
