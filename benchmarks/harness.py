@@ -1,0 +1,227 @@
+"""lm-evaluation-harness wall time: our ``HarnessLM`` vs the harness's own ``HFLM``, same model, same local tasks.
+
+    python benchmarks/harness.py                         # 300 LAMBADA passages, 3 task kinds, CPU
+    python benchmarks/harness.py --n 100 --threads 1     # quicker
+    python benchmarks/harness.py --device cuda --n 2000 --batch-size 64 --json out.json
+
+The model is built here, offline, with ``benchmarks/lambada_harness.py``'s builder: a byte-level BPE (``--vocab``)
+trained on the embedded corpus, tinyshakespeare and the LAMBADA passages after the benchmarked ones, and a
+GPT-2-shaped ``transformers.GPT2LMHeadModel`` (``--layers`` x ``--width``, 1024 positions, random weights), saved with
+``save_pretrained``. Both sides read that directory: ``HFLM(pretrained=dir)`` and ``HarnessLM(dir)`` (converted by
+``load_pretrained`` into our Transformer).
+
+Tasks are local YAML files over a local .jsonl (no network), written to a temporary folder:
+
+* ``bench_lambada``: ``lambada_openai``'s definition (``loglikelihood``; acc, perplexity) on the first ``--n`` passages
+  of ``../shared/data/lambada_test.jsonl``;
+* ``bench_rolling``: ``loglikelihood_rolling`` over the same passages joined 8 at a time (word/byte perplexity);
+* ``bench_gen``: ``generate_until`` of ``--gen-tokens`` tokens after the first half of ``--n-gen`` passages, stopping
+  at a newline.
+
+Timed, per task kind: the model calls alone (``lm.loglikelihood(instances)`` etc. on the harness's own request
+instances, built once: tokenizing, batching, scoring) and the whole ``lm_eval.simple_evaluate`` (adds building the
+dataset, the requests and the metrics, the same for both sides); model loading is not timed. Runs alternate (HFLM, ours, HFLM, ours...) and the minimum over ``--repeats`` is reported, with the results
+of both, which must agree (accuracies equal, log-likelihood metrics to 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import sync  # noqa: E402
+from lambada_harness import LAMBADA, build_model, read_lines  # noqa: E402
+
+TASKS = {
+    "loglikelihood": "bench_lambada",
+    "loglikelihood_rolling": "bench_rolling",
+    "generate_until": "bench_gen",
+}
+
+
+def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: int) -> Path:
+    """The three local task YAMLs and their .jsonl files in ``folder``."""
+
+    def jsonl(name: str, rows: list[dict]) -> Path:
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    lam = jsonl("lambada", [{"text": t} for t in passages])
+    docs = jsonl("docs", [{"text": " ".join(passages[i : i + 8])} for i in range(0, len(passages), 8)])
+    gen = []
+    for t in passages[:n_gen]:
+        words = t.split(" ")
+        gen.append({"prompt": " ".join(words[: len(words) // 2]), "answer": " ".join(words[len(words) // 2 :])})
+    gen_path = jsonl("gen", gen)
+    common = (
+        "output_type: {kind}\ntest_split: test\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
+    )
+    (folder / "bench_lambada.yaml").write_text(
+        "task: bench_lambada\n"
+        + common.format(kind="loglikelihood", path=lam)
+        + "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+        + "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+        + "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+        + "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    (folder / "bench_rolling.yaml").write_text(
+        "task: bench_rolling\n"
+        + common.format(kind="loglikelihood_rolling", path=docs)
+        + 'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        + "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+    )
+    (folder / "bench_gen.yaml").write_text(
+        "task: bench_gen\n"
+        + common.format(kind="generate_until", path=gen_path)
+        + 'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{\' \' + answer}}"\n'
+        + f'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {gen_tokens}\n  do_sample: false\n'
+        + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+def run(lm, task: str, folder: Path, device: str) -> tuple[float, dict]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    sync(device)
+    t0 = time.perf_counter()
+    res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=False)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    metrics = {k.split(",")[0]: float(v) for k, v in res["results"][task].items() if isinstance(v, (int, float))}
+    metrics.pop("sample_len", None)
+    return seconds, metrics
+
+
+def build_requests(task: str, folder: Path) -> list:
+    """The harness's own request instances of ``task`` (built once; what ``simple_evaluate`` hands the model)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    obj = get_task_dict([task], TaskManager(include_path=str(folder), include_defaults=False))[task]
+    obj.build_all_requests(rank=0, world_size=1)
+    return obj.instances
+
+
+def run_requests(lm, kind: str, instances: list, device: str) -> tuple[float, list]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = getattr(lm, kind)(instances, disable_tqdm=True)
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def same_outputs(a: list, b: list) -> bool:
+    """Per-request outputs equal: strings exactly, is_greedy exactly, log-likelihoods to 1e-4."""
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, str):
+            if x != y:
+                return False
+            continue
+        xs, ys = (x if isinstance(x, tuple) else (x,)), (y if isinstance(y, tuple) else (y,))
+        if abs(xs[0] - ys[0]) > 1e-4 * max(1.0, abs(xs[0])) or xs[1:] != ys[1:]:
+            return False
+    return True
+
+
+def agree(a: dict, b: dict) -> bool:
+    for key, value in a.items():
+        if key.startswith(("acc", "exact_match")):
+            if b[key] != value:
+                return False
+        elif not math.isclose(b[key], value, rel_tol=1e-4):
+            return False
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=300, help="LAMBADA passages")
+    p.add_argument("--n-gen", type=int, default=32, help="passages of the generation task")
+    p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kinds", default=",".join(TASKS), help="comma-separated task kinds to time")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.disable(logging.WARNING)
+    from lm_eval.models.huggingface import HFLM
+
+    from lightning_llm.evaluation import HarnessLM
+
+    lines = [json.loads(x)["text"] for x in read_lines(LAMBADA)]
+    passages, heldout = lines[: args.n], lines[args.n :]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        model_dir = build_model(tmp / "model", heldout, args.vocab, args.layers, args.width, 0)
+        folder = write_tasks(tmp, passages, args.n_gen, args.gen_tokens)
+        print(f"model + tokenizer built in {time.perf_counter() - t0:.1f}s; device {args.device}, "
+              f"threads {torch.get_num_threads()}")  # fmt: skip
+        hflm = HFLM(pretrained=str(model_dir), batch_size=args.batch_size, device=args.device)
+        ours = HarnessLM(str(model_dir), batch_size=args.batch_size, device=args.device)
+        rows = []
+        for kind in args.kinds.split(","):
+            task = TASKS[kind]
+            best = {"HFLM": math.inf, "HarnessLM": math.inf}
+            results = {}
+            for _ in range(args.repeats):
+                for name, lm in (("HFLM", hflm), ("HarnessLM", ours)):
+                    seconds, metrics = run(lm, task, folder, args.device)
+                    best[name] = min(best[name], seconds)
+                    results[name] = metrics
+            same = agree(results["HFLM"], results["HarnessLM"])
+            instances = build_requests(task, folder)
+            lm_best = {"HFLM": math.inf, "HarnessLM": math.inf}
+            outs = {}
+            for _ in range(args.repeats):
+                for name, lm in (("HFLM", hflm), ("HarnessLM", ours)):
+                    seconds, outs[name] = run_requests(lm, kind, instances, args.device)
+                    lm_best[name] = min(lm_best[name], seconds)
+            rows.append({"kind": kind, "task": task, "requests": len(instances), "seconds": best,
+                         "speedup": best["HFLM"] / best["HarnessLM"], "lm_seconds": lm_best,
+                         "lm_speedup": lm_best["HFLM"] / lm_best["HarnessLM"], "results": results,
+                         "agree": same and same_outputs(outs["HFLM"], outs["HarnessLM"])})  # fmt: skip
+        print(f"\n{args.n} passages, {args.layers} x {args.width} GPT-2, vocab {args.vocab}, batch {args.batch_size}\n")
+        print("| request type | requests | model calls: HFLM s | HarnessLM s | speed-up | simple_evaluate: HFLM s | "
+              "HarnessLM s | speed-up | results agree | HFLM | HarnessLM |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            fmt = lambda m: ", ".join(f"{k} {v:.6g}" for k, v in m.items())  # noqa: E731
+            print(f"| {r['kind']} | {r['requests']} | {r['lm_seconds']['HFLM']:.2f} | {r['lm_seconds']['HarnessLM']:.2f} "
+                  f"| {r['lm_speedup']:.2f}x | {r['seconds']['HFLM']:.2f} | {r['seconds']['HarnessLM']:.2f} | "
+                  f"{r['speedup']:.2f}x | {r['agree']} | {fmt(r['results']['HFLM'])} | "
+                  f"{fmt(r['results']['HarnessLM'])} |")  # fmt: skip
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""HarnessLM against lm-evaluation-harness's own HFLM: the same local tasks, the same tiny saved GPT-2.
+
+Four tasks, each a local YAML over a local .jsonl (no network): a LAMBADA-style cloze (loglikelihood), a
+multiple-choice task, a rolling-perplexity task (loglikelihood_rolling) and a generate_until task. The reference is
+``lm_eval.models.huggingface.HFLM`` on the very directory HarnessLM reads (converted by ``load_pretrained`` into our
+Transformer): accuracies must be identical and every per-sample log-likelihood within 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "she sells sea shells by the sea shore",
+    "a stitch in time saves nine",
+    "all that glitters is not gold",
+    "the rain in spain falls mainly on the plain",
+    "the early bird catches the worm",
+    "every good boy deserves fudge",
+]
+N_POSITIONS = 64
+
+
+def _passages(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 3)))
+        if i % 4 == 3:
+            text = text.rsplit(" ", 1)[0] + " " + rng.choice(words)
+        out.append(text)
+    return out
+
+
+def build_tiny_gpt2(directory: Path, steps: int = 80) -> Path:
+    """A 2-layer width-48 GPT-2 and a 400-token BPE, trained a few seconds on the sentences, saved offline."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_llm.data.tokenizer import Tokenizer
+
+    train = _passages(300, seed=1)
+    tok = Tokenizer.train_bpe(train + ["Question: Answer: yes no maybe 0 1 2 3 4 5 6 7 8 9 +\n"] * 5, vocab_size=400)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tok.vocab_size, n_positions=N_POSITIONS, n_embd=48, n_layer=2, n_head=4,
+                        bos_token_id=tok.eos_id, eos_token_id=tok.eos_id, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    stream = torch.tensor([i for t in train for i in [*tok.encode(t), tok.eos_id]], dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, stream.numel() - 48, (8,), generator=g)
+        batch = torch.stack([stream[s : s + 48] for s in starts.tolist()])  # (8, 48)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(directory)
+    tok.save(directory)
+    return directory
+
+
+def write_tasks(directory: Path) -> Path:
+    """Four local task YAMLs (+ their .jsonl data) in ``directory``; returns it (the harness's include_path)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def jsonl(name: str, rows: list[dict]) -> str:
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return str(path)
+
+    cloze = [{"text": t} for t in _passages(24, seed=2)]
+    cloze.append({"text": " ".join(SENTENCES * 2)})  # longer than the model's 64 positions: left-truncated
+    rng = random.Random(3)
+    mc = []
+    for i in range(16):
+        s = rng.choice(SENTENCES).split()
+        wrong = [rng.choice(SENTENCES).split()[-1] for _ in range(2)]
+        choices = [s[-1], *wrong] if i % 2 else [*wrong, s[-1]]
+        label = choices.index(s[-1]) if i % 3 else (choices.index(s[-1]) + 1) % 3  # every third key is wrong
+        mc.append({"question": " ".join(s[:-1]), "choices": choices, "label": label})
+    docs = [{"text": " ".join(_passages(6, seed=10 + i))} for i in range(4)]  # some longer than 64 tokens: windows
+    gen = [{"prompt": " ".join(s.split()[:-2]), "answer": " ".join(s.split()[-2:])} for s in SENTENCES]
+    tasks = {
+        "tiny_cloze": f"""task: tiny_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {jsonl("cloze", cloze)}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
+doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""",
+        "tiny_mc": f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {jsonl("mc", mc)}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{question}}}}"
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""",
+        "tiny_rolling": f"""task: tiny_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {jsonl("docs", docs)}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+        "tiny_gen": f"""task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {jsonl("gen", gen)}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{' ' + answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""",
+    }
+    for name, text in tasks.items():
+        (directory / f"{name}.yaml").write_text(text, encoding="utf-8")
+    return directory
+
+
+TASKS = ["tiny_cloze", "tiny_mc", "tiny_rolling", "tiny_gen"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_tiny_gpt2(tmp_path_factory.mktemp("harness_gpt2"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    return write_tasks(tmp_path_factory.mktemp("harness_tasks"))
+
+
+def _run(model, task_dir: Path, tasks=TASKS) -> dict:
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model=model,
+        tasks=list(tasks),
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+
+
+def _sample_values(res: dict, task: str) -> list:
+    """Per-sample raw outputs: log-likelihoods (and greedy flags) or generated strings, in document order."""
+    samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
+    return [s["resps"] for s in samples]
+
+
+@pytest.fixture(scope="module")
+def both(tiny_dir, task_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    from lightning_llm.evaluation import HarnessLM
+
+    ref = _run(HFLM(pretrained=str(tiny_dir), batch_size=4, device="cpu"), task_dir)
+    ours = _run(HarnessLM(str(tiny_dir), batch_size=4, device="cpu"), task_dir)
+    return ref, ours
+
+
+def test_results_match_hflm(both):
+    ref, ours = both
+    for task in TASKS:
+        r, o = ref["results"][task], ours["results"][task]
+        for key, value in r.items():
+            if isinstance(value, (int, float)) and "stderr" not in key:
+                if key.startswith(("acc", "exact_match")):
+                    assert o[key] == value, (task, key, o[key], value)  # accuracies identical
+                else:
+                    assert o[key] == pytest.approx(value, rel=1e-5), (task, key)
+
+
+def test_per_sample_loglikelihoods_match_hflm(both):
+    ref, ours = both
+    for task in ("tiny_cloze", "tiny_mc", "tiny_rolling"):
+        for r_resps, o_resps in zip(_sample_values(ref, task), _sample_values(ours, task), strict=True):
+            for r, o in zip(r_resps, o_resps, strict=True):
+                r_ll = r[0][0] if isinstance(r[0], (list, tuple)) else r[0]
+                o_ll = o[0][0] if isinstance(o[0], (list, tuple)) else o[0]
+                assert abs(float(o_ll) - float(r_ll)) < 1e-4, (task, o_ll, r_ll)
+                if isinstance(r[0], (list, tuple)):
+                    assert bool(o[0][1]) == bool(r[0][1])  # is_greedy
+    assert _sample_values(ref, "tiny_gen") == _sample_values(ours, "tiny_gen")  # generations identical
+
+
+def test_results_are_not_trivial(both):
+    """The comparison means something: some targets right, some wrong, some generations non-empty."""
+    _, ours = both
+    assert 0 < ours["results"]["tiny_cloze"]["acc,none"] < 1
+    assert 0 < ours["results"]["tiny_mc"]["acc,none"] < 1
+    assert any(g[0][0].strip() for g in _sample_values(ours, "tiny_gen"))
+
+
+def _ckpt(module) -> dict:
+    """What Lightning's ``Trainer.save_checkpoint`` stores for a module: weights, hyper-parameters, the module's hook."""
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("kind", ["ckpt", "sharded", "in_memory", "lightning_module"])
+def test_every_model_kind_gives_the_hf_directory_numbers(kind, tiny_dir, task_dir, tmp_path):
+    """Our .ckpt, a sharded folder, an in-memory Transformer and a LightningModule: the HF directory's numbers."""
+    from lightning_llm.evaluation import HarnessLM
+    from lightning_llm.loading import load_pretrained
+    from lightning_llm.modules.causal_lm import CausalLM
+
+    module = CausalLM(pretrained=str(tiny_dir))  # converted by load_pretrained; the tokenizer travels with it
+    module.configure_model()
+    if kind == "ckpt":
+        torch.save(_ckpt(module), tmp_path / "m.ckpt")
+        model = HarnessLM(str(tmp_path / "m.ckpt"), batch_size=3, device="cpu")
+    elif kind == "sharded":
+        import torch.distributed.checkpoint as dcp
+
+        ckpt = _ckpt(module)
+        dcp.save({"state_dict": ckpt.pop("state_dict")}, checkpoint_id=tmp_path / "sharded.ckpt")
+        torch.save(ckpt, tmp_path / "sharded.ckpt" / "meta.pt")
+        model = HarnessLM(str(tmp_path / "sharded.ckpt"), batch_size=3, device="cpu")
+    elif kind == "in_memory":
+        net, tok = load_pretrained(tiny_dir)
+        model = HarnessLM(net, tokenizer=tok, batch_size=3, device="cpu")
+    else:
+        model = HarnessLM(module, batch_size=3, device="cpu")
+    a = _run(model, task_dir, ["tiny_cloze", "tiny_gen"])
+    b = _run(HarnessLM(str(tiny_dir), batch_size=8, device="cpu"), task_dir, ["tiny_cloze", "tiny_gen"])
+    assert a["results"]["tiny_cloze"]["acc,none"] == b["results"]["tiny_cloze"]["acc,none"]
+    assert a["results"]["tiny_cloze"]["perplexity,none"] == pytest.approx(b["results"]["tiny_cloze"]["perplexity,none"])
+    assert _sample_values(a, "tiny_gen") == _sample_values(b, "tiny_gen")
+
+
+def test_generate_until_needs_our_transformer(tiny_dir, task_dir):
+    """A generation task on a model we cannot decode with our KV cache: a clear error, not a wrong number."""
+    from transformers import GPT2LMHeadModel
+
+    from lightning_llm.data.tokenizer import Tokenizer
+    from lightning_llm.evaluation import HarnessLM
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_dir)
+    lm = HarnessLM(hf, tokenizer=Tokenizer.from_pretrained(tiny_dir), device="cpu")
+    with pytest.raises(ValueError, match="generate_until"):
+        _run(lm, task_dir, ["tiny_gen"])
+    res = _run(lm, task_dir, ["tiny_cloze"])  # loglikelihood works for any ids -> logits module
+    assert "acc,none" in res["results"]["tiny_cloze"]
+
+
+def test_too_many_new_tokens_is_a_clear_error(tiny_dir, task_dir):
+    from lightning_llm.evaluation import HarnessLM
+
+    lm = HarnessLM(str(tiny_dir), device="cpu", max_length=6)
+    with pytest.raises(ValueError, match="max_gen_toks"):
+        _run(lm, task_dir, ["tiny_gen"])
+
+
+def test_bad_arguments(tiny_dir):
+    from lightning_llm.evaluation import HarnessLM
+
+    with pytest.raises(ValueError, match="batch_size"):
+        HarnessLM(str(tiny_dir), batch_size=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        HarnessLM(str(tiny_dir / "missing"))
+
+
+def test_evaluate_harness_part(tiny_dir, task_dir, tmp_path):
+    """``evaluate(..., harness=HarnessPart(...))`` puts the harness's results into the report and its summary."""
+    from lightning_llm.evaluation import HarnessPart, evaluate
+
+    off = {"enabled": False}
+    report = evaluate(
+        str(tiny_dir),
+        out=tmp_path / "eval",
+        device="cpu",
+        perplexity=off,
+        lambada=off,
+        multiple_choice=off,
+        robustness=off,
+        fairness=off,
+        efficiency=off,
+        bias=off,
+        embeddings=off,
+        harness=HarnessPart(enabled=True, tasks=("tiny_cloze", "tiny_mc"), include_path=str(task_dir), limit=8),
+        plots=False,
+        verbose=False,
+    )
+    part = report["parts"]["harness"]
+    assert part["status"] == "ok", part.get("error")
+    assert set(part["results"]) == {"tiny_cloze", "tiny_mc"}
+    assert part["n_samples"]["tiny_cloze"] == 8
+    assert "harness/tiny_mc/acc" in report["summary"]
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "tiny_cloze" in md
+    json.dumps(report["parts"]["harness"])  # serialisable
+
+
+def test_harness_part_needs_tasks():
+    from lightning_llm.evaluation import HarnessPart
+
+    with pytest.raises(ValueError, match="tasks"):
+        HarnessPart(enabled=True, tasks=())
+
+
+def test_harness_part_from_the_command_line(tiny_dir, task_dir, tmp_path):
+    """`lightning-llm evaluate --harness.enabled true --harness.tasks [...]` parses into HarnessPart and runs."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lightning_llm.evaluation import HarnessPart, evaluate
+
+    parser = ArgumentParser(prog="lightning-llm evaluate", exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(evaluate)
+    argv = [
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--verbose",
+        "false",
+        "--plots",
+        "false",
+        "--harness.enabled",
+        "true",
+        "--harness.tasks",
+        "[tiny_cloze, tiny_gen]",
+        "--harness.include_path",
+        str(task_dir),
+        "--harness.include_defaults",
+        "false",
+        "--harness.limit",
+        "5",
+    ]
+    for part in (
+        "perplexity",
+        "lambada",
+        "multiple_choice",
+        "robustness",
+        "fairness",
+        "efficiency",
+        "bias",
+        "embeddings",
+    ):
+        argv += [f"--{part}.enabled", "false"]  # fmt: skip
+    init = parser.instantiate(parser.parse_args(argv)).as_dict()
+    init.pop("config")
+    assert init["harness"] == HarnessPart(enabled=True, tasks=("tiny_cloze", "tiny_gen"), include_path=str(task_dir),
+                                          include_defaults=False, limit=5)  # fmt: skip
+    report = evaluate(**init)
+    part = report["parts"]["harness"]
+    assert part["status"] == "ok", part.get("error")
+    assert part["n_samples"] == {"tiny_cloze": 5, "tiny_gen": 5}
+    assert "harness/tiny_gen/exact_match" in report["summary"]
+
+
+def test_unknown_harness_task_is_a_clear_error(tiny_dir, task_dir):
+    from lightning_llm.evaluation import HarnessPart, evaluate
+
+    off = {"enabled": False}
+    parts = {p: off for p in ("perplexity", "lambada", "multiple_choice", "robustness", "fairness", "efficiency",
+                              "bias", "embeddings")}  # fmt: skip
+    report = evaluate(str(tiny_dir), out=None, device="cpu", verbose=False, **parts,
+                      harness=HarnessPart(enabled=True, tasks=("tiny_clozee",), include_path=str(task_dir),
+                                          include_defaults=False))  # fmt: skip
+    assert report["parts"]["harness"]["status"] == "error"
+    assert "not harness tasks" in report["parts"]["harness"]["error"]
