@@ -494,63 +494,45 @@ def from_hf(
 
 
 # ======================================================================================================== to_hf
+#: What each Hugging Face architecture needs of a TransformerConfig (field -> value), besides the sizes of the fused
+#: q/k/v layer of GPT-NeoX, BLOOM and GPT-2 and BLOOM's MLP width (checked in :func:`_shape_problems`).
+_FUSED_NEEDS = {"lm_head_bias": False, "shared_attention_norm": False, "norm": "layernorm", "mlp": "gelu"}
+_HF_NEEDS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "pos_encoding": "rope",
+        "partial_rotary_factor": 1.0,
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "parallel_residual": False,
+        "embedding_norm": False,
+        "lm_head_bias": False,
+    },
+    "gpt_neox": {**_FUSED_NEEDS, "pos_encoding": "rope", "embedding_norm": False, "rope_scaling": None},
+    "bloom": {
+        **_FUSED_NEEDS,
+        "pos_encoding": "alibi",
+        "embedding_norm": True,
+        "parallel_residual": False,
+        "gelu_approximate": "tanh",
+    },
+    "gpt2": {**_FUSED_NEEDS, "pos_encoding": "learned", "embedding_norm": False, "parallel_residual": False},
+}
+
+
 def _shape_problems(config: TransformerConfig) -> dict[str, list[str]]:
     """For each Hugging Face architecture, what in ``config`` it cannot represent (empty: it can)."""
     c = config
-    common_fused = []
+    fused_sizes = []  # one layer holds q, k and v of every head
     if c.n_kv_head != c.n_head:
-        common_fused.append(f"n_kv_head={c.n_kv_head} != n_head (needs multi-head attention)")
+        fused_sizes.append(f"n_kv_head={c.n_kv_head} != n_head (needs multi-head attention)")
     if c.head_dim * c.n_head != c.n_embd:
-        common_fused.append(f"head_dim * n_head = {c.head_dim * c.n_head} != n_embd={c.n_embd}")
-    if c.lm_head_bias:
-        common_fused.append("lm_head_bias=True (needs False)")
-    if c.shared_attention_norm:
-        common_fused.append("shared_attention_norm=True (needs False)")
-    if c.norm != "layernorm":
-        common_fused.append(f"norm={c.norm!r} (needs 'layernorm')")
-    if c.mlp != "gelu":
-        common_fused.append(f"mlp={c.mlp!r} (needs 'gelu')")
-    llama = []
-    if c.pos_encoding != "rope":
-        llama.append(f"pos_encoding={c.pos_encoding!r} (needs 'rope')")
-    if c.partial_rotary_factor != 1.0:
-        llama.append(f"partial_rotary_factor={c.partial_rotary_factor} (needs 1.0)")
-    if c.norm != "rmsnorm":
-        llama.append(f"norm={c.norm!r} (needs 'rmsnorm')")
-    if c.mlp != "swiglu":
-        llama.append(f"mlp={c.mlp!r} (needs 'swiglu')")
-    if c.parallel_residual:
-        llama.append("parallel_residual=True (needs False)")
-    if c.embedding_norm:
-        llama.append("embedding_norm=True (needs False)")
-    if c.lm_head_bias:
-        llama.append("lm_head_bias=True (needs False)")
-    neox = list(common_fused)
-    if c.pos_encoding != "rope":
-        neox.append(f"pos_encoding={c.pos_encoding!r} (needs 'rope')")
-    if c.embedding_norm:
-        neox.append("embedding_norm=True (needs False)")
-    if c.rope_scaling is not None:
-        neox.append("rope_scaling (needs None)")
-    bloom = list(common_fused)
-    if c.pos_encoding != "alibi":
-        bloom.append(f"pos_encoding={c.pos_encoding!r} (needs 'alibi')")
-    if not c.embedding_norm:
-        bloom.append("embedding_norm=False (needs True)")
-    if c.parallel_residual:
-        bloom.append("parallel_residual=True (needs False)")
-    if c.gelu_approximate != "tanh":
-        bloom.append(f"gelu_approximate={c.gelu_approximate!r} (needs 'tanh')")
+        fused_sizes.append(f"head_dim * n_head = {c.head_dim * c.n_head} != n_embd={c.n_embd}")
+    problems = {arch: [] if arch == "llama" else list(fused_sizes) for arch in _HF_NEEDS}
+    for arch, needs in _HF_NEEDS.items():
+        problems[arch] += [f"{k}={getattr(c, k)!r} (needs {v!r})" for k, v in needs.items() if getattr(c, k) != v]
     if c.intermediate_size != 4 * c.n_embd:
-        bloom.append(f"intermediate_size={c.intermediate_size} (needs 4 * n_embd)")
-    gpt2 = list(common_fused)
-    if c.pos_encoding != "learned":
-        gpt2.append(f"pos_encoding={c.pos_encoding!r} (needs 'learned')")
-    if c.embedding_norm:
-        gpt2.append("embedding_norm=True (needs False)")
-    if c.parallel_residual:
-        gpt2.append("parallel_residual=True (needs False)")
-    return {"llama": llama, "gpt_neox": neox, "bloom": bloom, "gpt2": gpt2}
+        problems["bloom"].append(f"intermediate_size={c.intermediate_size} (needs 4 * n_embd)")
+    return problems
 
 
 def hf_architecture(config: TransformerConfig) -> str:
@@ -617,7 +599,8 @@ def _to_half_layout(t: torch.Tensor, config: TransformerConfig, n_heads: int) ->
     return t.reshape(n_heads, d, *rest)[:, perm].reshape(n_heads * d, *rest)  # (H*D, ...)
 
 
-def _common_hf_kwargs(config: TransformerConfig) -> dict[str, Any]:
+def _common_hf_kwargs(config: TransformerConfig, *dropouts: str) -> dict[str, Any]:
+    """Config arguments every architecture takes, plus its dropout probabilities (named ``dropouts``) set to ours."""
     return dict(
         vocab_size=config.vocab_size,
         initializer_range=config.init_std,
@@ -625,7 +608,13 @@ def _common_hf_kwargs(config: TransformerConfig) -> dict[str, Any]:
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
+        **dict.fromkeys(dropouts, config.dropout),
     )
+
+
+def _rope_model_kwargs(config: TransformerConfig, *dropouts: str) -> dict[str, Any]:
+    """Config arguments of Llama and GPT-NeoX: the common ones and the sizes :data:`_ROPE_MODEL_FIELDS` names."""
+    return _common_hf_kwargs(config, *dropouts) | {hf: getattr(config, ours) for ours, hf in _ROPE_MODEL_FIELDS.items()}
 
 
 def _fuse_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int, head_dim: int) -> torch.Tensor:
@@ -641,14 +630,38 @@ def _bias_of(src: dict[str, torch.Tensor], name: str, like: torch.Tensor) -> tor
     return bias if bias is not None else torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
 
 
+def _linear_of(src: dict[str, torch.Tensor], name: str, config: TransformerConfig) -> tuple[torch.Tensor, ...]:
+    """Weight and bias (zeros if absent) of our linear layer ``name``; q/k rows in Hugging Face's half RoPE layout."""
+    w = src[f"{name}.weight"]
+    b = _bias_of(src, name, w)
+    if name.endswith(("q_proj", "k_proj")):
+        heads = config.n_head if name.endswith("q_proj") else config.n_kv_head
+        w, b = _to_half_layout(w, config, heads), _to_half_layout(b, config, heads)
+    return w, b
+
+
+def _norm_out(state: dict, src: dict[str, torch.Tensor], ours: str, theirs: str) -> None:
+    """Copy our norm ``ours`` to ``theirs``: the weight, and the bias of a LayerNorm."""
+    for kind in ("weight", "bias"):
+        if f"{ours}.{kind}" in src:
+            state[f"{theirs}.{kind}"] = src[f"{ours}.{kind}"]
+
+
+def _ends_out(
+    config: TransformerConfig, src: dict[str, torch.Tensor], embed: str, final_norm: str, head: str = "lm_head"
+) -> dict[str, torch.Tensor]:
+    """The embedding, final norm and output head of an exported model, a padded vocabulary cut to ``vocab_size``."""
+    v = config.vocab_size
+    state = {f"{embed}.weight": src["wte.weight"][:v]}
+    _norm_out(state, src, "norm_f", final_norm)
+    state[f"{head}.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+    return state
+
+
 def _llama_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
     scaling, max_pos = _hf_rope_scaling(config)
     kwargs = dict(
-        _common_hf_kwargs(config),
-        hidden_size=config.n_embd,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
+        _rope_model_kwargs(config, "attention_dropout"),
         num_key_value_heads=config.n_kv_head,
         head_dim=config.head_dim,
         hidden_act="silu",
@@ -658,68 +671,74 @@ def _llama_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple
         rope_scaling=scaling,
         attention_bias=config.bias,
         mlp_bias=config.bias,
-        attention_dropout=config.dropout,
     )
-    v, h, g = config.vocab_size, config.n_head, config.n_kv_head
-    state: dict[str, torch.Tensor] = {"model.embed_tokens.weight": src["wte.weight"][:v]}
+    state = _ends_out(config, src, "model.embed_tokens", "model.norm")
     for i in range(config.n_layer):
         p, q = f"blocks.{i}", f"model.layers.{i}"
-        state[f"{q}.input_layernorm.weight"] = src[f"{p}.norm_1.weight"]
-        state[f"{q}.post_attention_layernorm.weight"] = src[f"{p}.norm_2.weight"]
+        _norm_out(state, src, f"{p}.norm_1", f"{q}.input_layernorm")
+        _norm_out(state, src, f"{p}.norm_2", f"{q}.post_attention_layernorm")
         for part, hf_part, names in (("attn", "self_attn", _LLAMA_ATTN), ("mlp", "mlp", _LLAMA_MLP)):
             for name in names:
-                for kind in ("weight", "bias") if config.bias else ("weight",):
-                    t = src[f"{p}.{part}.{name}.{kind}"]
-                    if name in ("q_proj", "k_proj"):
-                        t = _to_half_layout(t, config, h if name == "q_proj" else g)
-                    state[f"{q}.{hf_part}.{name}.{kind}"] = t
-    state["model.norm.weight"] = src["norm_f.weight"]
-    state["lm_head.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+                w, b = _linear_of(src, f"{p}.{part}.{name}", config)
+                state[f"{q}.{hf_part}.{name}.weight"] = w
+                if config.bias:
+                    state[f"{q}.{hf_part}.{name}.bias"] = b
     return "LlamaForCausalLM", kwargs, state
 
 
 _HF_GELU = {"none": "gelu", "tanh": "gelu_new"}
 
 
+def _fused_names(attn: str) -> dict[str, str]:
+    """Our names -> GPT-NeoX's (``attn="attention"``) or BLOOM's (``"self_attention"``) in a decoder layer."""
+    return {
+        "norm_1": "input_layernorm",
+        "norm_2": "post_attention_layernorm",
+        "qkv": f"{attn}.query_key_value",
+        "attn.o_proj": f"{attn}.dense",
+        "mlp.up_proj": "mlp.dense_h_to_4h",
+        "mlp.down_proj": "mlp.dense_4h_to_h",
+    }
+
+
+_GPT2_NAMES = {
+    "norm_1": "ln_1",
+    "norm_2": "ln_2",
+    "qkv": "attn.c_attn",
+    "attn.o_proj": "attn.c_proj",
+    "mlp.up_proj": "mlp.c_fc",
+    "mlp.down_proj": "mlp.c_proj",
+}
+
+
 def _fused_layers_out(
-    config: TransformerConfig, src: dict[str, torch.Tensor], prefix: str, attn: str
+    config: TransformerConfig, src: dict[str, torch.Tensor], prefix: str, names: dict[str, str], conv1d: bool = False
 ) -> dict[str, torch.Tensor]:
-    """GPT-NeoX / BLOOM decoder layers: per-head fused qkv, ``dense``, ``dense_h_to_4h`` / ``dense_4h_to_h``."""
+    """GPT-NeoX / BLOOM / GPT-2 decoder layers ``prefix.{i}``, our layers renamed by ``names`` (``qkv``: the one layer
+    holding q, k and v), every bias written (zeros where we have none).
+
+    GPT-NeoX and BLOOM fuse q, k, v per head (``(H, 3, D)`` rows); GPT-2 (``conv1d``) concatenates them, and its
+    ``Conv1D`` layers store the transpose of our weights.
+    """
     h, d, state = config.n_head, config.head_dim, {}
+    fuse = torch.cat if conv1d else lambda qkv: _fuse_per_head(*qkv, h, d)
     for i in range(config.n_layer):
         p, q = f"blocks.{i}", f"{prefix}.{i}"
-        for ours, theirs in (("norm_1", "input_layernorm"), ("norm_2", "post_attention_layernorm")):
-            state[f"{q}.{theirs}.weight"] = src[f"{p}.{ours}.weight"]
-            state[f"{q}.{theirs}.bias"] = src[f"{p}.{ours}.bias"]
-        ws = [
-            _to_half_layout(src[f"{p}.attn.{n}.weight"], config, h) if n != "v_proj" else src[f"{p}.attn.{n}.weight"]
-            for n in ("q_proj", "k_proj", "v_proj")
-        ]
-        bs = [_bias_of(src, f"{p}.attn.{n}", w) for n, w in zip(("q_proj", "k_proj", "v_proj"), ws, strict=True)]
-        bs = [
-            _to_half_layout(b, config, h) if n != "v_proj" else b
-            for n, b in zip(("q_proj", "k_proj", "v_proj"), bs, strict=True)
-        ]
-        state[f"{q}.{attn}.query_key_value.weight"] = _fuse_per_head(*ws, h, d)
-        state[f"{q}.{attn}.query_key_value.bias"] = _fuse_per_head(*bs, h, d)
-        for ours, theirs in (
-            ("attn.o_proj", f"{attn}.dense"),
-            ("mlp.up_proj", "mlp.dense_h_to_4h"),
-            ("mlp.down_proj", "mlp.dense_4h_to_h"),
-        ):
-            w = src[f"{p}.{ours}.weight"]
-            state[f"{q}.{theirs}.weight"] = w
-            state[f"{q}.{theirs}.bias"] = _bias_of(src, f"{p}.{ours}", w)
+        _norm_out(state, src, f"{p}.norm_1", f"{q}.{names['norm_1']}")
+        _norm_out(state, src, f"{p}.norm_2", f"{q}.{names['norm_2']}")
+        ws, bs = zip(*(_linear_of(src, f"{p}.attn.{n}", config) for n in ("q_proj", "k_proj", "v_proj")), strict=True)
+        layers = {"qkv": (fuse(ws), fuse(bs))}
+        for ours in ("attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+            layers[ours] = _linear_of(src, f"{p}.{ours}", config)
+        for ours, (w, b) in layers.items():
+            state[f"{q}.{names[ours]}.weight"] = w.t() if conv1d else w
+            state[f"{q}.{names[ours]}.bias"] = b
     return state
 
 
 def _neox_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
     kwargs = dict(
-        _common_hf_kwargs(config),
-        hidden_size=config.n_embd,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
+        _rope_model_kwargs(config, "attention_dropout", "hidden_dropout"),
         hidden_act=_HF_GELU[config.gelu_approximate],
         max_position_embeddings=config.block_size,
         layer_norm_eps=config.norm_eps,
@@ -730,43 +749,30 @@ def _neox_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[
             "partial_rotary_factor": config.partial_rotary_factor,
         },
         attention_bias=True,
-        attention_dropout=config.dropout,
-        hidden_dropout=config.dropout,
     )
-    v = config.vocab_size
-    state = {"gpt_neox.embed_in.weight": src["wte.weight"][:v]}
-    state.update(_fused_layers_out(config, src, "gpt_neox.layers", "attention"))
-    state["gpt_neox.final_layer_norm.weight"] = src["norm_f.weight"]
-    state["gpt_neox.final_layer_norm.bias"] = src["norm_f.bias"]
-    state["embed_out.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+    state = _ends_out(config, src, "gpt_neox.embed_in", "gpt_neox.final_layer_norm", head="embed_out")
+    state.update(_fused_layers_out(config, src, "gpt_neox.layers", _fused_names("attention")))
     return "GPTNeoXForCausalLM", kwargs, state
 
 
 def _bloom_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
     kwargs = dict(
-        _common_hf_kwargs(config),
+        _common_hf_kwargs(config, "hidden_dropout", "attention_dropout"),
         hidden_size=config.n_embd,
         n_layer=config.n_layer,
         n_head=config.n_head,
         layer_norm_epsilon=config.norm_eps,
-        hidden_dropout=config.dropout,
-        attention_dropout=config.dropout,
         seq_length=config.block_size,  # BLOOM has no position table; from_hf reads the context length back from it
     )
-    v = config.vocab_size
-    state = {"transformer.word_embeddings.weight": src["wte.weight"][:v]}
-    state["transformer.word_embeddings_layernorm.weight"] = src["emb_norm.weight"]
-    state["transformer.word_embeddings_layernorm.bias"] = src["emb_norm.bias"]
-    state.update(_fused_layers_out(config, src, "transformer.h", "self_attention"))
-    state["transformer.ln_f.weight"] = src["norm_f.weight"]
-    state["transformer.ln_f.bias"] = src["norm_f.bias"]
-    state["lm_head.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+    state = _ends_out(config, src, "transformer.word_embeddings", "transformer.ln_f")
+    _norm_out(state, src, "emb_norm", "transformer.word_embeddings_layernorm")
+    state.update(_fused_layers_out(config, src, "transformer.h", _fused_names("self_attention")))
     return "BloomForCausalLM", kwargs, state
 
 
 def _gpt2_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
     kwargs = dict(
-        _common_hf_kwargs(config),
+        _common_hf_kwargs(config, "resid_pdrop", "embd_pdrop", "attn_pdrop"),
         n_positions=config.block_size,
         n_embd=config.n_embd,
         n_layer=config.n_layer,
@@ -774,33 +780,10 @@ def _gpt2_out(config: TransformerConfig, src: dict[str, torch.Tensor]) -> tuple[
         n_inner=config.intermediate_size,
         activation_function=_HF_GELU[config.gelu_approximate],
         layer_norm_epsilon=config.norm_eps,
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
     )
-    v = config.vocab_size
-    state = {"transformer.wte.weight": src["wte.weight"][:v], "transformer.wpe.weight": src["wpe.weight"]}
-    for i in range(config.n_layer):
-        p, q = f"blocks.{i}", f"transformer.h.{i}"
-        for ours, theirs in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
-            state[f"{q}.{theirs}.weight"] = src[f"{p}.{ours}.weight"]
-            state[f"{q}.{theirs}.bias"] = src[f"{p}.{ours}.bias"]
-        ws = [src[f"{p}.attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]
-        bs = [_bias_of(src, f"{p}.attn.{n}", w) for n, w in zip(("q_proj", "k_proj", "v_proj"), ws, strict=True)]
-        # Conv1D stores (in, out): the transpose of our Linear weight; c_attn is [q; k; v] along the output axis
-        state[f"{q}.attn.c_attn.weight"] = torch.cat(ws, dim=0).t()
-        state[f"{q}.attn.c_attn.bias"] = torch.cat(bs)
-        for ours, theirs in (
-            ("attn.o_proj", "attn.c_proj"),
-            ("mlp.up_proj", "mlp.c_fc"),
-            ("mlp.down_proj", "mlp.c_proj"),
-        ):
-            w = src[f"{p}.{ours}.weight"]
-            state[f"{q}.{theirs}.weight"] = w.t()
-            state[f"{q}.{theirs}.bias"] = _bias_of(src, f"{p}.{ours}", w)
-    state["transformer.ln_f.weight"] = src["norm_f.weight"]
-    state["transformer.ln_f.bias"] = src["norm_f.bias"]
-    state["lm_head.weight"] = (src["wte.weight"] if config.tie_embeddings else src["lm_head.weight"])[:v]
+    state = _ends_out(config, src, "transformer.wte", "transformer.ln_f")
+    state["transformer.wpe.weight"] = src["wpe.weight"]
+    state.update(_fused_layers_out(config, src, "transformer.h", _GPT2_NAMES, conv1d=True))
     return "GPT2LMHeadModel", kwargs, state
 
 

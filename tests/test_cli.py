@@ -95,7 +95,9 @@ def _command(path: Path, cfg: dict, files: Path) -> list[str] | None:
 CLI_CONFIGS = [
     p
     for p in _all_configs()
-    if _is_lightning_cli(_load(p)) and not _is_multi_process(_load(p)) and "pipeline" not in p.relative_to(CONFIGS).parts
+    if _is_lightning_cli(_load(p))
+    and not _is_multi_process(_load(p))
+    and "pipeline" not in p.relative_to(CONFIGS).parts
 ]
 
 

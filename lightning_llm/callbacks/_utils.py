@@ -294,3 +294,19 @@ def model_max_length(pl_module: Any) -> int | None:
     if cfg is not None and getattr(cfg, "pos_encoding", None) == "learned":
         return int(cfg.block_size)
     return None
+
+
+class TextDatasetMixin:
+    """For the callbacks that read a dataset named in YAML (see :func:`check_dataset`) as next-token batches of
+    ``batch_size`` x ``seq_len`` tokens, at most ``max_batches`` of them, tokenized by :func:`resolve_tokenizer`."""
+
+    def _text_options(self, split: str, seq_len: int, batch_size: int, max_batches: int | None, tokenizer: Any) -> None:
+        check_every("seq_len", seq_len)
+        check_every("batch_size", batch_size)
+        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.max_batches, self.tokenizer = max_batches, tokenizer
+
+    def _text_batches(self, dataset: str, trainer: Any, pl_module: Any) -> tuple[list[dict[str, torch.Tensor]], Any]:
+        """``(batches, tokenizer)`` of ``dataset`` (its ``split``)."""
+        tok = resolve_tokenizer(self.tokenizer, trainer, pl_module, type(self).__name__)
+        return lm_batches(load_texts(dataset, self.split), tok, self.seq_len, self.batch_size, self.max_batches), tok

@@ -76,17 +76,12 @@ class CalibrationMonitor(L.Callback):
         if examples is not None and dataset is not None:
             raise ValueError("Give `examples` (objects) or `dataset` (by name), not both.")
         check_dataset("dataset", dataset)
-        self.dataset, self.limit = dataset, limit
-        self.batch_fn = batch_fn or default_batch_fn
+        self.dataset, self.limit, self.tokenizer = dataset, limit, tokenizer
         self.examples = list(examples) if examples is not None else None
-        self.tokenizer = tokenizer
+        self.batch_fn = batch_fn or default_batch_fn
         self.forward_fn = forward_fn or default_forward_fn
-        self.num_bins = num_bins
-        self.max_instances = max_instances
-        self.prefix = prefix
-        self.log_diagram = log_diagram
-        self.seed = seed
-        self.ignore_index = ignore_index
+        self.num_bins, self.max_instances, self.seed = num_bins, max_instances, seed
+        self.prefix, self.log_diagram, self.ignore_index = prefix, log_diagram, ignore_index
         self._conf: list[torch.Tensor] = []
         self._corr: list[torch.Tensor] = []
         self.last: dict[str, float] = {}

@@ -140,14 +140,10 @@ class EmbeddingProbe(L.Callback):
         self.analogies = None if analogies == "embedded" else load_analogies(analogies)  # a missing file fails here
         self.knowledge, self.probe_property, self.on_val_end = knowledge, probe_property, on_validation_end
         self.probe_tokens, self.multi_token = probe_tokens, multi_token
-        self.every_n_steps = every_n_steps
-        self.tokens = list(tokens)
-        self.tokenizer = tokenizer
-        self.k = k
+        self.every_n_steps, self.prefix, self.seed = every_n_steps, prefix, seed
+        self.tokens, self.tokenizer, self.k = list(tokens), tokenizer, k
         self.n_pairs = n_pairs
         self.embedding_fn = embedding_fn or find_embedding
-        self.prefix = prefix
-        self.seed = seed
         self.history: list[tuple[int, dict[str, float]]] = []
         self.last_neighbours = ""
 

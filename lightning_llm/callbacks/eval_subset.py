@@ -23,16 +23,14 @@ import torch
 
 from lightning_llm.callbacks._utils import (
     BatchFn,
+    TextDatasetMixin,
     check_dataset,
     check_every,
     default_batch_fn,
     eval_mode,
     is_due,
     iter_batches,
-    lm_batches,
-    load_texts,
     log_step_metrics,
-    resolve_tokenizer,
 )
 from lightning_llm.ops import IGNORE_INDEX, token_logprobs
 
@@ -60,7 +58,7 @@ def subset_metrics(
     return {"loss": nll / count, "ppl": math.exp(nll / count), "acc": hits / count, "tokens": float(count)}
 
 
-class EvalSubsetMonitor(L.Callback):
+class EvalSubsetMonitor(TextDatasetMixin, L.Callback):
     """Evaluate named subsets every ``every_n_steps`` optimizer steps (and at the end of training).
 
     Args:
@@ -99,17 +97,12 @@ class EvalSubsetMonitor(L.Callback):
                 "e.g. {'code': code_loader, 'prose': prose_loader}."
             )
         check_every("every_n_steps", every_n_steps)
-        check_every("seq_len", seq_len)
-        check_every("batch_size", batch_size)
+        self._text_options(split, seq_len, batch_size, max_batches, tokenizer)
         for name, value in subsets.items():
             if isinstance(value, str):
                 check_dataset(f"subsets[{name!r}]", value)
-        self.split, self.seq_len, self.batch_size, self.tokenizer = split, seq_len, batch_size, tokenizer
-        self.subsets = dict(subsets)
-        self.every_n_steps = every_n_steps
+        self.subsets, self.every_n_steps, self.prefix = dict(subsets), every_n_steps, prefix
         self.batch_fn = batch_fn or default_batch_fn
-        self.prefix = prefix
-        self.max_batches = max_batches
         self.ignore_index = ignore_index
         self.history: list[tuple[int, dict[str, dict[str, float]]]] = []
         self._last_step = -1
@@ -118,9 +111,7 @@ class EvalSubsetMonitor(L.Callback):
         """Evaluate every subset now and log the metrics."""
         for name, value in self.subsets.items():
             if isinstance(value, str):  # a named dataset: built once
-                tok = resolve_tokenizer(self.tokenizer, trainer, pl_module, "EvalSubsetMonitor")
-                texts = load_texts(value, self.split)
-                self.subsets[name] = lm_batches(texts, tok, self.seq_len, self.batch_size, self.max_batches)
+                self.subsets[name] = self._text_batches(value, trainer, pl_module)[0]
         with eval_mode(pl_module):
             results = {
                 name: subset_metrics(pl_module, batches, self.batch_fn, self.ignore_index, self.max_batches)

@@ -97,16 +97,10 @@ class GenerationSamples(L.Callback):
             raise ValueError("`prompts` must be a non-empty list of strings (wrap a single prompt in a list).")
         check_every("every_n_steps", every_n_steps)
         check_sampling(temperature, top_k)
-        self.prompts = list(prompts)
-        self.tokenizer = tokenizer
-        self.every_n_steps = every_n_steps
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_k = top_k
-        self.forward_fn = forward_fn or default_forward_fn
+        self.prompts, self.tokenizer, self.forward_fn = list(prompts), tokenizer, forward_fn or default_forward_fn
+        self.every_n_steps, self.key, self.seed = every_n_steps, key, seed
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.max_length = max_length
-        self.seed = seed
-        self.key = key
         self.samples: list[tuple[int, list[tuple[str, str]]]] = []
 
     def generate(self, pl_module: L.LightningModule) -> list[tuple[str, str]]:

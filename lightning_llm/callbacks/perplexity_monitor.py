@@ -27,21 +27,19 @@ import torch
 
 from lightning_llm.callbacks._utils import (
     BatchFn,
+    TextDatasetMixin,
     check_dataset,
     check_every,
     default_batch_fn,
     eval_mode,
     is_due,
     iter_batches,
-    lm_batches,
-    load_texts,
     log_step_metrics,
-    resolve_tokenizer,
 )
 from lightning_llm.ops import IGNORE_INDEX
 
 
-class PerplexityMonitor(L.Callback):
+class PerplexityMonitor(TextDatasetMixin, L.Callback):
     """Log perplexity of validation batches (and of an optional extra dataloader every N steps).
 
     Args:
@@ -81,8 +79,7 @@ class PerplexityMonitor(L.Callback):
         tokenizer: Any = None,
     ) -> None:
         check_every("every_n_steps", every_n_steps)
-        check_every("seq_len", seq_len)
-        check_every("batch_size", batch_size)
+        self._text_options(split, seq_len, batch_size, max_batches, tokenizer)
         check_dataset("dataset", dataset)
         if dataset is not None and dataloader is not None:
             raise ValueError("Give `dataset` (by name) or `dataloader` (an object), not both.")
@@ -90,18 +87,13 @@ class PerplexityMonitor(L.Callback):
             raise ValueError("`dataloader` needs `every_n_steps` (when to evaluate it).")
         if dataloader is None and dataset is None and every_n_steps is not None:
             raise ValueError("`every_n_steps` evaluates `dataloader` or `dataset`: give one of them (or neither).")
-        self.dataset, self.split, self.seq_len, self.batch_size = dataset, split, seq_len, batch_size
-        self.max_batches, self.tokenizer = max_batches, tokenizer
-        self._data_bytes_fn: Callable[[Any], int] | None = None
         from lightning_llm.metrics.perplexity import Perplexity
 
-        self.name = name
+        self.name, self.on_validation, self.bytes_fn = name, on_validation, bytes_fn
+        self.dataset, self.dataloader, self.every_n_steps = dataset, dataloader, every_n_steps
         self.batch_fn = batch_fn or default_batch_fn
-        self.dataloader = dataloader
-        self.every_n_steps = every_n_steps
-        self.bytes_fn = bytes_fn
-        self.on_validation = on_validation
         self.metric = Perplexity(ignore_index=ignore_index)
+        self._data_bytes_fn: Callable[[Any], int] | None = None
         self._bytes = 0
         self.last: dict[str, float] = {}
 
@@ -148,9 +140,7 @@ class PerplexityMonitor(L.Callback):
 
     def _build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The ``dataset`` batches, built once with the resolved tokenizer; bits per byte from their text."""
-        tok = resolve_tokenizer(self.tokenizer, trainer, pl_module, "PerplexityMonitor(dataset=...)")
-        batches = lm_batches(load_texts(self.dataset, self.split), tok, self.seq_len, self.batch_size, self.max_batches)
-        self.dataloader = batches
+        self.dataloader, tok = self._text_batches(self.dataset, trainer, pl_module)
         self._data_bytes_fn = lambda batch: len(tok.decode(batch["targets"].flatten().tolist()).encode("utf-8"))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:

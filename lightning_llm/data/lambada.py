@@ -42,6 +42,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_llm.data.text import _check_int, _json_lines
 from lightning_llm.data.tokenizer import Tokenizer
 from lightning_llm.ops import IGNORE_INDEX
 
@@ -94,15 +95,11 @@ def read_lambada_jsonl(path: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"`path`={str(path)!r} does not exist. Pass a .jsonl file or a dataset name.")
     texts: list[str] = []
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
+        for lineno, record in _json_lines(f):
+            if isinstance(record, json.JSONDecodeError):
                 raise ValueError(
-                    f"{path}:{lineno} is not valid JSON ({err}); expected one {{'text': ...}} per line."
-                ) from err
+                    f"{path}:{lineno} is not valid JSON ({record}); expected one {{'text': ...}} per line."
+                ) from record
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{path}:{lineno} has no string field 'text'; expected one {{'text': ...}} per line.")
             texts.append(record["text"])
@@ -280,26 +277,19 @@ class LambadaDataModule(L.LightningDataModule):
         add_special_tokens: bool = True,
     ) -> None:
         super().__init__()
-        for name, value, minimum in (("batch_size", batch_size, 1), ("max_length", max_length, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-            raise ValueError(f"`max_examples` must be None or an int >= 1, got {max_examples!r}.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}.")
+        _check_int("batch_size", batch_size, 1)
+        _check_int("max_length", max_length, 1)
+        _check_int("num_workers", num_workers, 0)
+        if max_examples is not None:
+            _check_int("max_examples", max_examples, 1, hint=" (or None)")
         if not isinstance(add_special_tokens, bool):
             raise TypeError(f"`add_special_tokens` must be a bool, got {add_special_tokens!r}.")
         if not isinstance(path, str) or not path:
             raise TypeError(f"`path` must be a non-empty string, got {path!r}.")
         self.save_hyperparameters(ignore=["tokenizer"] if isinstance(tokenizer, Tokenizer) else None)
-        self.path = path
-        self.batch_size = batch_size
-        self.max_examples = max_examples
-        self.max_length = max_length
-        self.dataset_config = dataset_config
-        self.split = split
-        self.num_workers = num_workers
-        self.add_special_tokens = add_special_tokens
+        self.path, self.dataset_config, self.split = path, dataset_config, split
+        self.batch_size, self.num_workers, self.add_special_tokens = batch_size, num_workers, add_special_tokens
+        self.max_examples, self.max_length = max_examples, max_length
         self._tokenizer_spec = tokenizer
         self._tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
         self._examples: list[dict[str, Any]] | None = None

@@ -9,8 +9,8 @@ Accepted example formats (TRL's dataset conventions, the ecosystem standard):
 * an optional ``"margin"`` column (float), used by the reward model's Bradley-Terry loss.
 
 Sources: ``"synthetic"`` (the embedded letters task of :mod:`lightning_llm.data.synthetic`, no files), a local
-``.jsonl`` / ``.json`` file, or a Hugging Face dataset name; files and names are both read with
-``datasets.load_dataset`` (the real path).
+``.jsonl`` / ``.json`` / ``.parquet`` file, or a Hugging Face dataset name (``org/name``); files and names are both
+read with ``datasets.load_dataset`` (the real path, :func:`load_records`, shared with SFT and prompt data).
 
 Tokenization is TRL 1.16's (``DPOTrainer._prepare_dataset``; ``RewardTrainer`` builds the same full sequences), so a
 model sees the same token ids here as under TRL:
@@ -53,9 +53,10 @@ Notation: B batch of pairs, L padded sequence length.
 
 from __future__ import annotations
 
+import inspect
 import logging
-import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -276,11 +277,16 @@ def to_text_example(example: dict[str, Any], template: ChatTemplate) -> dict[str
 
 # ------------------------------------------------------------------------------------------------ loading
 def _looks_like_file(name: str) -> bool:
-    return name.endswith((".jsonl", ".json")) or os.path.sep in name or Path(name).exists()
+    """A local file rather than a hub name: a data suffix, an explicit path (``/``, ``./``, ``~``) or an existing
+    one; a hub name's ``org/name`` slash alone does not make it a path."""
+    suffixed = name.endswith((".jsonl", ".json", ".parquet")) or name.startswith(("/", "./", "../", "~"))
+    return suffixed or Path(name).expanduser().exists()
 
 
 def load_records(dataset: str, split: str, dataset_config: str | None = None) -> list[dict[str, Any]]:
-    """Read one split of a local ``.jsonl`` / ``.json`` file or a Hugging Face dataset with ``datasets.load_dataset``."""
+    """Read one split of a local ``.jsonl`` / ``.json`` / ``.parquet`` file (the whole file) or a Hugging Face dataset
+    with ``datasets.load_dataset``; text files are read by :func:`~lightning_llm.data.text.load_local_file`, which
+    names the bad line of a malformed one."""
     import datasets
 
     if _looks_like_file(dataset):
@@ -289,7 +295,10 @@ def load_records(dataset: str, split: str, dataset_config: str | None = None) ->
             raise FileNotFoundError(f"`dataset`={dataset!r} looks like a file path but does not exist.")
         from lightning_llm.data.text import diagnose_local_file, load_local_file
 
-        ds = load_local_file(path, dataset, split="train")
+        if path.suffix == ".parquet":  # binary: nothing to diagnose line by line
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        else:
+            ds = load_local_file(path, dataset, split="train")
         try:  # pyarrow reads bytes that are not UTF-8 and only fails when a row is decoded
             return [dict(row) for row in ds]
         except UnicodeDecodeError as err:
@@ -300,7 +309,8 @@ def load_records(dataset: str, split: str, dataset_config: str | None = None) ->
         except Exception as err:  # noqa: BLE001 - re-raised with the argument and the fix
             raise ValueError(
                 f"`dataset`={dataset!r} (split {split!r}) could not be loaded with datasets.load_dataset: {err}. Pass "
-                "'synthetic', a local .jsonl file, or a Hugging Face dataset name reachable from here."
+                "the embedded task ('synthetic'; 'instructions' for SFT), a local .jsonl/.json/.parquet file, or a "
+                "Hugging Face dataset name reachable from here."
             ) from err
     return [dict(row) for row in ds]
 
@@ -423,14 +433,21 @@ def encode_pair(
     return out
 
 
-class PreferenceDataset(Dataset):
-    """Tokenised preference pairs (a list of :func:`encode_pair` dicts)."""
+class _ItemsDataset(Dataset):
+    """A map-style dataset over a list of items (shared by the preference and SFT datasets)."""
 
-    def __init__(self, items: list[dict[str, Any]]) -> None:
+    def __init__(self, items: list[Any]) -> None:
         self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+class PreferenceDataset(_ItemsDataset):
+    """Tokenised preference pairs (a list of :func:`encode_pair` dicts); an item also carries its ``index``."""
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.items[index], "index": index}
@@ -456,14 +473,6 @@ def collate_preference(items: list[dict[str, Any]], pad_id: int) -> dict[str, to
     return batch
 
 
-class _Collate:
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_preference(items, self.pad_id)
-
-
 def _check_positive_ints(owner: str, values: dict[str, Any]) -> None:
     """Raise a ValueError naming ``owner`` and the argument for each value that is not a positive ``int``."""
     for name, value in values.items():
@@ -472,16 +481,30 @@ def _check_positive_ints(owner: str, values: dict[str, Any]) -> None:
 
 
 class _TokenizedSplits(L.LightningDataModule):
-    """The glue :class:`PreferenceDataModule` and :class:`~lightning_llm.data.prompts.PromptDataModule` share: a
-    tokenizer resolved on first use (:func:`resolve_tokenizer`), train / val datasets built once, and their loaders.
+    """The glue :class:`PreferenceDataModule`, :class:`~lightning_llm.data.sft.SFTDataModule` and
+    :class:`~lightning_llm.data.prompts.PromptDataModule` share: argument checks and saved hyperparameters, train / val
+    rows read once (:meth:`_read_rows`), a tokenizer resolved on first use (:func:`resolve_tokenizer`), train / val
+    datasets built once, and their loaders.
 
-    Subclasses save hyperparameters including ``tokenizer``, ``tokenizer_vocab_size``, ``batch_size`` and
-    ``num_workers``, and define ``is_synthetic``, :meth:`_tokenizer_texts`, :meth:`_build_dataset` and
-    :meth:`_collate`.
+    Subclasses take (and so save as hyperparameters) ``dataset``, ``dataset_config``, ``train_split``, ``val_split``,
+    ``val_fraction``, ``tokenizer``, ``tokenizer_vocab_size``, ``chat_template``, ``num_train``, ``num_val``,
+    ``batch_size``, ``num_workers`` and ``seed`` (``val_dataset`` optionally), and define ``is_synthetic``,
+    :meth:`_tokenizer_texts`, :meth:`_build_dataset` and ``_collate_items`` (or override :attr:`collate_fn`).
     """
 
-    def __init__(self) -> None:
+    #: ``collate(items, pad_id)`` of the subclass's batches, a module-level function so :attr:`collate_fn` pickles
+    _collate_items: Callable[..., Any]
+
+    def __init__(self, val_fraction: float | None = None, **positive: int | None) -> None:
+        """Check what the subclasses share (``positive``: positive ints, ``None`` = off; ``val_fraction`` in [0, 1),
+        ``None`` = not checked), then save the CALLING subclass ``__init__``'s arguments as hyperparameters (its frame
+        is passed to ``save_hyperparameters``, so each subclass need not call it)."""
         super().__init__()
+        owner = type(self).__name__
+        _check_positive_ints(owner, {k: v for k, v in positive.items() if v is not None})
+        if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"{owner}: `val_fraction` must be in [0, 1), got {val_fraction}.")
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
         self._tokenizer: Tokenizer | None = None
         self._template: ChatTemplate | None = None
         self._datasets: dict[str, Dataset] = {}
@@ -497,11 +520,28 @@ class _TokenizedSplits(L.LightningDataModule):
     def _build_dataset(self, split: str) -> Dataset:
         raise NotImplementedError
 
-    def _collate(self) -> Callable[[list[dict[str, Any]]], Any]:
-        raise NotImplementedError
-
     def _drop_last(self, split: str, shuffle: bool) -> bool:
         return False
+
+    def _read_rows(self, synthetic: Callable[[int, int], list[Any]], val_seed: int = 1) -> dict[str, list[Any]]:
+        """Train / val rows: the embedded task's ``synthetic(n, seed)`` (val seeded ``seed + val_seed``), else
+        :func:`load_records` of ``dataset``, validation from ``val_dataset`` (where the subclass has it), the
+        ``val_split`` of a hub dataset, or ``val_fraction`` of the training rows (deterministic in ``seed``)."""
+        hp = self.hparams
+        if self.is_synthetic:
+            rows = {"train": synthetic(hp.num_train, hp.seed), "val": synthetic(hp.num_val, hp.seed + val_seed)}
+        else:
+            train = load_records(hp.dataset, hp.train_split, hp.dataset_config)
+            if hp.get("val_dataset") is not None:
+                val = load_records(hp.val_dataset, hp.val_split or "train", hp.dataset_config)
+            elif hp.val_split is not None and not _looks_like_file(hp.dataset):
+                val = load_records(hp.dataset, hp.val_split, hp.dataset_config)
+            else:
+                train, val = _split(train, hp.val_fraction, hp.seed)
+            rows = {"train": train, "val": val}
+        if not rows["train"]:
+            raise ValueError(f"{type(self).__name__}: dataset {hp.dataset!r} has no training examples.")
+        return rows
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -525,6 +565,11 @@ class _TokenizedSplits(L.LightningDataModule):
             self._template = resolve_chat_template(self.hparams.chat_template, spec, known)
         return self._template
 
+    @property
+    def collate_fn(self) -> Callable[[list[Any]], Any]:
+        """The loaders' ``collate_fn``: ``_collate_items`` bound to the tokenizer's ``pad_id`` (picklable)."""
+        return partial(type(self)._collate_items, pad_id=self.tokenizer.pad_id)
+
     def dataset(self, split: str) -> Dataset:
         if split not in ("train", "val"):
             raise ValueError(f"{type(self).__name__}: `split` must be 'train' or 'val', got {split!r}.")
@@ -538,7 +583,7 @@ class _TokenizedSplits(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         """A :class:`~lightning_llm.checkpoint.ResumableDataLoader` shuffled by a generator seeded with ``seed``, so a
-        resumed run (RewardModel, DPO, PPO, GRPO) sees exactly the batches the uninterrupted one would."""
+        resumed run (RewardModel, DPO, SFT, PPO, GRPO) sees exactly the batches the uninterrupted one would."""
         from lightning_llm.checkpoint import ResumableDataLoader
 
         generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
@@ -548,7 +593,7 @@ class _TokenizedSplits(L.LightningDataModule):
             shuffle=shuffle,
             generator=generator,
             num_workers=self.hparams.num_workers,
-            collate_fn=self._collate(),
+            collate_fn=self.collate_fn,
             drop_last=self._drop_last(split, shuffle),
         )
 
@@ -563,8 +608,8 @@ class PreferenceDataModule(_TokenizedSplits):
     """Preference pairs for :class:`~lightning_llm.modules.RewardModel` and :class:`~lightning_llm.modules.DPO`.
 
     Args:
-        dataset: ``"synthetic"`` (embedded letters task), a local ``.jsonl`` / ``.json`` path, or a Hugging Face
-            dataset name (``datasets.load_dataset``).
+        dataset: ``"synthetic"`` (embedded letters task), a local ``.jsonl`` / ``.json`` / ``.parquet`` path, or a
+            Hugging Face dataset name (``datasets.load_dataset``).
         dataset_config: the Hugging Face dataset configuration name, if any.
         train_split, val_split: split names for Hugging Face datasets. When ``val_split`` is ``None`` (or the source
             is a single file), ``val_fraction`` of the training examples is held out (deterministic in ``seed``).
@@ -585,6 +630,8 @@ class PreferenceDataModule(_TokenizedSplits):
             smallest score gap between chosen and rejected.
         batch_size, num_workers, seed: loader settings.
     """
+
+    _collate_items = staticmethod(collate_preference)
 
     def __init__(
         self,
@@ -608,17 +655,8 @@ class PreferenceDataModule(_TokenizedSplits):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         limits = {"max_length": max_length, "max_prompt_length": max_prompt_length}
-        _check_positive_ints(
-            "PreferenceDataModule",
-            {
-                **{k: v for k, v in limits.items() if v is not None},
-                "batch_size": batch_size,
-                "num_train": num_train,
-                "num_val": num_val,
-            },
-        )
+        super().__init__(val_fraction, **limits, batch_size=batch_size, num_train=num_train, num_val=num_val)
         if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
             raise ValueError(
                 f"PreferenceDataModule: `max_prompt_length` ({max_prompt_length}) must be < `max_length` "
@@ -629,12 +667,8 @@ class PreferenceDataModule(_TokenizedSplits):
                 f"PreferenceDataModule: `truncation_mode` must be one of {list(TRUNCATION_MODES)} (DPOTrainer's, "
                 f"RewardTrainer's), got {truncation_mode!r}."
             )
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"PreferenceDataModule: `val_fraction` must be in [0, 1), got {val_fraction}.")
-        self.save_hyperparameters()
         self._texts: dict[str, list[dict[str, Any]]] | None = None
 
-    # -------------------------------------------------------------------------------------------- text
     @property
     def is_synthetic(self) -> bool:
         return self.hparams.dataset == "synthetic"
@@ -643,35 +677,16 @@ class PreferenceDataModule(_TokenizedSplits):
         """The train / val examples as text (prompt, chosen, rejected[, margin]), loaded once."""
         if self._texts is None:
             hp = self.hparams
-            if self.is_synthetic:
-                raw = {
-                    "train": synthetic_preference_examples(
-                        hp.num_train, hp.seed, hp.synthetic_length, hp.synthetic_min_gap
-                    ),
-                    "val": synthetic_preference_examples(
-                        hp.num_val, hp.seed + 1, hp.synthetic_length, hp.synthetic_min_gap
-                    ),
-                }
-            else:
-                train = load_records(hp.dataset, hp.train_split, hp.dataset_config)
-                if hp.val_dataset is not None:
-                    val = load_records(hp.val_dataset, hp.val_split or "train", hp.dataset_config)
-                elif hp.val_split is not None and not _looks_like_file(hp.dataset):
-                    val = load_records(hp.dataset, hp.val_split, hp.dataset_config)
-                else:
-                    train, val = _split(train, hp.val_fraction, hp.seed)
-                raw = {"train": train, "val": val}
+            raw = self._read_rows(
+                lambda n, seed: synthetic_preference_examples(n, seed, hp.synthetic_length, hp.synthetic_min_gap)
+            )
             template = _LazyTemplate(self)
             self._texts = {split: [to_text_example(ex, template) for ex in rows] for split, rows in raw.items()}
-            if not self._texts["train"]:
-                raise ValueError(f"PreferenceDataModule: dataset {hp.dataset!r} has no training examples.")
         return self._texts
 
-    # -------------------------------------------------------------------------------------------- tokenizer
     def _tokenizer_texts(self) -> list[str]:
         return [t for ex in self.text_examples()["train"] for t in (ex["prompt"], ex["chosen"], ex["rejected"])]
 
-    # -------------------------------------------------------------------------------------------- datasets
     def _build_dataset(self, split: str) -> PreferenceDataset:
         hp = self.hparams
         items = [
@@ -686,10 +701,3 @@ class PreferenceDataModule(_TokenizedSplits):
                 split,
             )
         return PreferenceDataset(kept)
-
-    @property
-    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-        return _Collate(self.tokenizer.pad_id)
-
-    def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-        return self.collate_fn

@@ -24,15 +24,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_llm.data.preference import (
-    _check_positive_ints,
-    _LazyTemplate,
-    _looks_like_file,
-    _split,
-    _TokenizedSplits,
-    encode_text,
-    load_records,
-)
+from lightning_llm.data.preference import _LazyTemplate, _split, _TokenizedSplits, encode_text
 from lightning_llm.data.synthetic import synthetic_prompts
 
 __all__ = ["PromptDataModule", "PromptDataset", "collate_prompts"]
@@ -108,11 +100,9 @@ class PromptDataModule(_TokenizedSplits):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         if prompts is not None and (isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts):
             raise TypeError(f"PromptDataModule: `prompts` must be a non-empty list of prompts, got {prompts!r}.")
-        _check_positive_ints("PromptDataModule", {"batch_size": batch_size, "num_train": num_train, "num_val": num_val})
-        self.save_hyperparameters()
+        super().__init__(batch_size=batch_size, num_train=num_train, num_val=num_val)
         self._texts: dict[str, list[str]] | None = None
         self._rendered: dict[str, list[bool]] = {}
 
@@ -132,17 +122,9 @@ class PromptDataModule(_TokenizedSplits):
                     train, val = rows, rows
                 else:
                     train, val = _split(rows, hp.val_fraction, hp.seed)
-            elif self.is_synthetic:
-                train = [(t, False) for t in synthetic_prompts(hp.num_train, hp.seed)]
-                val = [(t, False) for t in synthetic_prompts(hp.num_val, hp.seed + 1)]
-            else:
-                records = load_records(hp.dataset, hp.train_split, hp.dataset_config)
-                if hp.val_split is not None and not _looks_like_file(hp.dataset):
-                    val_records = load_records(hp.dataset, hp.val_split, hp.dataset_config)
-                else:
-                    records, val_records = _split(records, hp.val_fraction, hp.seed)
-                train = [_prompt_text(r, field, template) for r in records]
-                val = [_prompt_text(r, field, template) for r in val_records]
+            else:  # the embedded task (plain strings) or a dataset's rows
+                raw = self._read_rows(synthetic_prompts)
+                train, val = ([_prompt_text(r, field, template) for r in raw[k]] for k in ("train", "val"))
             self._rendered = {"train": [r for _, r in train], "val": [r for _, r in val]}
             self._texts = {"train": [t for t, _ in train], "val": [t for t, _ in val]}
         return self._texts
@@ -177,7 +159,9 @@ class PromptDataModule(_TokenizedSplits):
             collate_fn=collate_prompts,
         )
 
-    def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, list]]:
+    @property
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, list]]:
+        """:func:`collate_prompts` (prompts stay unpadded lists)."""
         return collate_prompts
 
     def _drop_last(self, split: str, shuffle: bool) -> bool:

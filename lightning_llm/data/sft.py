@@ -9,7 +9,8 @@ Accepted example formats (TRL's dataset conventions):
 * prompt-completion, conversational: the same keys holding message lists.
 
 Sources: ``"instructions"`` (the embedded instruction task of :func:`instruction_examples`, no files), a local
-``.jsonl`` / ``.json`` / ``.parquet`` file, or a Hugging Face dataset name (``datasets.load_dataset``).
+``.jsonl`` / ``.json`` / ``.parquet`` file, or a Hugging Face dataset name (``datasets.load_dataset``), read as
+preference data is (:func:`~lightning_llm.data.preference.load_records`).
 
 Tokenization (TRL 1.16 ``SFTTrainer._prepare_dataset``):
 
@@ -45,19 +46,18 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from lightning_llm.data.preference import (
     ChatTemplate,
     _check_positive_ints,
     _common_prefix,
+    _ItemsDataset,
     _LazyTemplate,
-    _split,
     _TokenizedSplits,
     encode_text,
 )
@@ -229,17 +229,8 @@ def pack_examples(items: Sequence[dict[str, list[int]]], max_length: int) -> lis
     return rows
 
 
-class SFTDataset(Dataset):
+class SFTDataset(_ItemsDataset):
     """Tokenized examples (``{"input_ids", "labels"}``), or packed rows (lists of them)."""
-
-    def __init__(self, items: list[Any]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.items[index]
 
 
 def _next_token_targets(labels: list[int]) -> list[int]:
@@ -276,36 +267,6 @@ def collate_sft(items: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-class _Collate:
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        return collate_sft(items, self.pad_id)
-
-
-def _load(dataset: str, split: str, dataset_config: str | None) -> list[dict[str, Any]]:
-    """A local ``.jsonl`` / ``.json`` / ``.parquet`` file or a Hugging Face dataset name, read with ``datasets``."""
-    import datasets
-
-    path = Path(dataset).expanduser()
-    if dataset.endswith((".jsonl", ".json", ".parquet")) or path.exists():
-        if not path.exists():
-            raise FileNotFoundError(f"SFTDataModule: `dataset`={dataset!r} looks like a file but does not exist.")
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    else:
-        try:
-            ds = datasets.load_dataset(dataset, dataset_config, split=split)
-        except Exception as err:  # noqa: BLE001 - re-raised with the argument and the fix
-            raise ValueError(
-                f"SFTDataModule: `dataset`={dataset!r} (split {split!r}) could not be loaded with "
-                f"datasets.load_dataset: {err}. Pass 'instructions', a local .jsonl/.json/.parquet file, or a "
-                "dataset name reachable from here."
-            ) from err
-    return [dict(row) for row in ds]
-
-
 class SFTDataModule(_TokenizedSplits):
     """Supervised fine-tuning data for :class:`~lightning_llm.modules.SFT` (formats: see the module docstring).
 
@@ -331,6 +292,8 @@ class SFTDataModule(_TokenizedSplits):
         batch_size, num_workers, seed: loader settings.
     """
 
+    _collate_items = staticmethod(collate_sft)
+
     def __init__(
         self,
         dataset: str = "instructions",
@@ -354,18 +317,14 @@ class SFTDataModule(_TokenizedSplits):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         ints = {"batch_size": batch_size, "num_train": num_train, "num_val": num_val}
-        _check_positive_ints("SFTDataModule", {**ints, **({"max_length": max_length} if max_length else {})})
+        super().__init__(val_fraction, **ints, max_length=max_length or None)
         if truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(
                 f"SFTDataModule: `truncation_mode` must be 'keep_start' or 'keep_end', got {truncation_mode!r}."
             )
         if packing and max_length is None:
             raise ValueError("SFTDataModule: `packing=True` needs `max_length` (the packed row length); set it.")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"SFTDataModule: `val_fraction` must be in [0, 1), got {val_fraction}.")
-        self.save_hyperparameters()
         self._records: dict[str, list[dict[str, Any]]] | None = None
 
     @property
@@ -385,23 +344,7 @@ class SFTDataModule(_TokenizedSplits):
     def records(self) -> dict[str, list[dict[str, Any]]]:
         """The raw train / val examples (loaded once)."""
         if self._records is None:
-            hp = self.hparams
-            if self.is_synthetic:
-                self._records = {
-                    "train": instruction_examples(hp.num_train, hp.seed),
-                    "val": instruction_examples(hp.num_val, hp.seed + 10_000),
-                }
-            else:
-                train = _load(hp.dataset, hp.train_split, hp.dataset_config)
-                if hp.val_dataset is not None:
-                    val = _load(hp.val_dataset, hp.val_split or "train", hp.dataset_config)
-                elif hp.val_split is not None and not Path(hp.dataset).suffix:
-                    val = _load(hp.dataset, hp.val_split, hp.dataset_config)
-                else:
-                    train, val = _split(train, hp.val_fraction, hp.seed)
-                self._records = {"train": train, "val": val}
-            if not self._records["train"]:
-                raise ValueError(f"SFTDataModule: dataset {hp.dataset!r} has no training examples.")
+            self._records = self._read_rows(instruction_examples, val_seed=10_000)
         return self._records
 
     def _tokenizer_texts(self) -> list[str]:
@@ -453,10 +396,3 @@ class SFTDataModule(_TokenizedSplits):
         if self.hparams.packing:
             return SFTDataset(pack_examples(items, self.hparams.max_length))
         return SFTDataset(items)
-
-    @property
-    def collate_fn(self) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
-        return _Collate(self.tokenizer.pad_id)
-
-    def _collate(self) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
-        return self.collate_fn

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -353,19 +354,26 @@ def diagnose_local_file(path: str | Path) -> str | None:
             if isinstance(document, dict):
                 return None
             return f"{where} holds a JSON {type(document).__name__}; {expected}."
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
+    for number, row in _json_lines(lines):
+        if isinstance(row, json.JSONDecodeError):
             return (
-                f"{where}: line {number} is not valid JSON (column {err.colno}: {err.msg}); {expected}. Fix or remove "
+                f"{where}: line {number} is not valid JSON (column {row.colno}: {row.msg}); {expected}. Fix or remove "
                 "that line."
             )
         if not isinstance(row, dict):
             return f"{where}: line {number} holds a JSON {type(row).__name__}, not an object; {expected}."
     return None
+
+
+def _json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of JSON Lines (numbers 1-based); a line that is not JSON
+    gives its ``json.JSONDecodeError`` as the value, so each reader words the error itself (also LAMBADA's reader)."""
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield number, err
 
 
 def load_local_file(path: str | Path, dataset: str | None = None, cache_dir: str | None = None, **kwargs: Any):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_llm.config import TransformerConfig
+from lightning_llm.parallel.planner import _check_tensor_parallel_size
 
 __all__ = [
     "apply_activation_checkpointing",
@@ -28,6 +29,7 @@ __all__ = [
     "clip_grad_norm_",
     "parallelize",
     "shard_alibi_slopes",
+    "shard_heads",
     "sharded_state_bytes",
 ]
 
@@ -139,14 +141,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> nn.Module:
     t = tp_mesh.size()
     cfg: TransformerConfig | None = getattr(model, "config", None)
     if cfg is not None:
-        for name in ("n_head", "n_kv_head", "intermediate_size"):
-            value = getattr(cfg, name)
-            if value % t:
-                raise ValueError(
-                    f"tensor_parallel_size={t} must divide TransformerConfig.{name}={value} (each rank holds "
-                    f"{name}/tensor_parallel_size of them); choose a tensor_parallel_size among the common divisors of "
-                    f"n_head={cfg.n_head}, n_kv_head={cfg.n_kv_head} and intermediate_size={cfg.intermediate_size}."
-                )
+        _check_tensor_parallel_size(cfg, t)
     for _, wrapped in _named_blocks(model):
         block = _unwrap(wrapped)
         plan: dict[str, Any] = {
@@ -313,6 +308,58 @@ def parallelize(
             shard_alibi_slopes(model, tp_size, tp_mesh.get_local_rank())
     setattr(model, _PARALLELIZED, True)
     return model
+
+
+def _data_parallel_mesh(device_mesh: Any) -> Any | None:
+    """The mesh FSDP2 shards over (torchtitan's rule, as :func:`parallelize`): the ``"data_parallel"`` dimension (a
+    1-D mesh is data parallel), or ``None`` where no FSDP applies (a 1-rank data-parallel dimension next to tensor or
+    pipeline parallelism)."""
+    names = getattr(device_mesh, "mesh_dim_names", None) or ()
+    dp_mesh = _mesh_dim(device_mesh, "data_parallel") if names else device_mesh
+    tp_mesh, pp_mesh = _mesh_dim(device_mesh, "tensor_parallel"), _mesh_dim(device_mesh, "pipeline_parallel")
+    others = (tp_mesh.size() if tp_mesh is not None else 1) * (pp_mesh.size() if pp_mesh is not None else 1)
+    if dp_mesh is None or (dp_mesh.size() == 1 and others > 1):
+        return None
+    return dp_mesh
+
+
+def shard_heads(
+    modules: Iterable[nn.Module],
+    device_mesh: Any,
+    reshard_after_forward: bool = True,
+    mp_policy: Any = None,
+    cpu_offload: bool = False,
+    **_: Any,
+) -> list[nn.Module]:
+    """FSDP2 (``fully_shard``) on small modules that live outside a Transformer, in place: the scalar heads of reward
+    and value models.
+
+    Their parameters become DTensors sharded over the data-parallel dimension like the transformers', and their
+    gradients are reduce-scattered (averaged over the ranks). Left as plain tensors, no collective would touch them
+    under FSDP2 (there is no DDP wrapper): every rank would step its own copy on its own data and the copies would
+    drift apart. Each module is gathered around its ``forward``. Under pure tensor parallelism (a 1-rank data-parallel
+    dimension) nothing is done: every rank sees the same batch, so replicated heads stay equal. Other keyword
+    arguments (the rest of :func:`parallelize`'s options) are ignored; modules already sharded are skipped.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    modules = [m for m in modules if m is not None]
+    dp_mesh = _data_parallel_mesh(device_mesh)
+    if dp_mesh is None:
+        return modules
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for module in modules:
+        if getattr(module, _PARALLELIZED, False):
+            continue
+        fully_shard(
+            module,
+            mesh=dp_mesh,
+            reshard_after_forward=reshard_after_forward,
+            mp_policy=_mp_policy(mp_policy),
+            offload_policy=offload,
+        )
+        setattr(module, _PARALLELIZED, True)
+    return modules
 
 
 # ================================================================================================ clipping, sizes

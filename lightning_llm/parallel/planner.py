@@ -273,20 +273,25 @@ def _layouts(
     return out
 
 
+def _check_tensor_parallel_size(cfg: TransformerConfig, t: int) -> None:
+    """Raise ``ValueError`` unless ``t`` divides the heads, key/value heads and MLP width (each rank holds 1/t)."""
+    for field in ("n_head", "n_kv_head", "intermediate_size"):
+        value = getattr(cfg, field)
+        if value % t:
+            raise ValueError(
+                f"tensor_parallel_size={t} must divide TransformerConfig.{field}={value} (each rank holds "
+                f"{field}/tensor_parallel_size of them); choose a tensor_parallel_size among the common divisors of "
+                f"n_head={cfg.n_head}, n_kv_head={cfg.n_kv_head} and intermediate_size={cfg.intermediate_size}."
+            )
+
+
 def _check_explicit(cfg: TransformerConfig, n: int, t: int | None, p: int | None) -> None:
     """Clear errors for a tensor / pipeline degree the model or the world size cannot use."""
     for name, value in (("tensor_parallel_size", t), ("pipeline_parallel_size", p)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     if t is not None:
-        for field in ("n_head", "n_kv_head", "intermediate_size"):
-            value = getattr(cfg, field)
-            if value % t:
-                raise ValueError(
-                    f"`tensor_parallel_size`={t} does not divide the model's {field}={value} (each tensor-parallel rank "
-                    f"holds {field}/t of them); choose a common divisor of n_head={cfg.n_head}, "
-                    f"n_kv_head={cfg.n_kv_head} and intermediate_size={cfg.intermediate_size}."
-                )
+        _check_tensor_parallel_size(cfg, t)
     if p is not None and p > cfg.n_layer:
         raise ValueError(
             f"`pipeline_parallel_size`={p} is above the model's n_layer={cfg.n_layer}: every stage needs at least one "

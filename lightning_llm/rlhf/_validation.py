@@ -50,6 +50,14 @@ def check_same_shape(fn: str, **tensors: torch.Tensor) -> None:
             )
 
 
+def check_rows(fn: str, name: str, x: torch.Tensor, logp: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``x`` has one entry per row of ``logp`` (a per-sequence value)."""
+    if x.shape[0] != logp.shape[0]:
+        raise ValueError(
+            f"{fn}: `{name}` must have one entry per row of `logp` ({logp.shape[0]}), got shape {tuple(x.shape)}."
+        )
+
+
 def check_mask(fn: str, mask: object, shape: torch.Size | tuple[int, ...], name: str = "mask") -> torch.Tensor:
     """Validate a 0/1 mask of the given shape and return it as ``torch.bool``.
 
@@ -126,3 +134,20 @@ def check_range(
         interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
         raise ValueError(f"{fn}: `{name}` must lie in {interval}, got {value}.")
     return value
+
+
+def check_scored_logps(
+    fn: str, scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: object
+) -> torch.Tensor:
+    """Check ``(B,)`` sequence ``scores`` and the ``(B, T)`` policy and reference log-probabilities of their tokens,
+    all finite where they count; return ``mask`` as ``torch.bool``."""
+    check_float(fn, "scores", scores, ndim=1)
+    check_float(fn, "logp", logp, ndim=2)
+    check_float(fn, "ref_logp", ref_logp, ndim=2)
+    check_same_shape(fn, logp=logp, ref_logp=ref_logp)
+    check_rows(fn, "scores", scores, logp)
+    mask = check_mask(fn, mask, logp.shape)
+    check_finite(fn, "scores", scores)
+    check_finite(fn, "logp", logp, mask)
+    check_finite(fn, "ref_logp", ref_logp, mask)
+    return mask

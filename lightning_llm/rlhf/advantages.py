@@ -31,6 +31,7 @@ from lightning_llm.rlhf._validation import (
     check_mask,
     check_range,
     check_same_shape,
+    check_scored_logps,
 )
 
 
@@ -206,17 +207,8 @@ def sequence_kl_penalized_scores(
         ``(penalised_scores, kl)``, both ``(B,)``, detached.
     """
     fn = "sequence_kl_penalized_scores"
-    check_float(fn, "scores", scores, ndim=1)
-    check_float(fn, "logp", logp, ndim=2)
-    check_float(fn, "ref_logp", ref_logp, ndim=2)
-    check_same_shape(fn, logp=logp, ref_logp=ref_logp)
-    if scores.shape[0] != logp.shape[0]:
-        raise ValueError(f"{fn}: `scores` must be ({logp.shape[0]},), got {tuple(scores.shape)}.")
-    mask = check_mask(fn, mask, logp.shape)
+    mask = check_scored_logps(fn, scores, logp, ref_logp, mask)
     beta = check_range(fn, "beta", beta, 0.0, None)
-    check_finite(fn, "scores", scores)
-    check_finite(fn, "logp", logp, mask)
-    check_finite(fn, "ref_logp", ref_logp, mask)
     with torch.no_grad():
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
         kl = torch.where(mask, logp - ref_logp, zero).sum(-1)  # (B,)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_llm.rlhf._validation import check_choice, check_finite, check_float, check_mask, check_same_shape
+from lightning_llm.rlhf._validation import check_choice, check_float, check_mask, check_same_shape, check_scored_logps
 
 KL_KINDS = ("k1", "k2", "k3")
 
@@ -108,15 +108,7 @@ def kl_penalized_rewards(
         ``kl_coef``); log e.g. ``kl.sum(1).mean()`` (KL per sequence) or its masked mean.
     """
     fn = "kl_penalized_rewards"
-    check_float(fn, "scores", scores, ndim=1)
-    check_float(fn, "logp", logp, ndim=2)
-    check_float(fn, "ref_logp", ref_logp, ndim=2)
-    check_same_shape(fn, logp=logp, ref_logp=ref_logp)
-    if scores.shape[0] != logp.shape[0]:
-        raise ValueError(
-            f"{fn}: `scores` must have one entry per row of `logp` ({logp.shape[0]}), got shape {tuple(scores.shape)}."
-        )
-    mask = check_mask(fn, mask, logp.shape)
+    mask = check_scored_logps(fn, scores, logp, ref_logp, mask)
     check_choice(fn, "kind", kind, KL_KINDS)
     if isinstance(kl_coef, torch.Tensor):
         if kl_coef.numel() != 1:
@@ -126,9 +118,6 @@ def kl_penalized_rewards(
         bad_coef = not isinstance(kl_coef, (int, float)) or not (0 <= kl_coef < float("inf"))
     if bad_coef:
         raise ValueError(f"{fn}: `kl_coef` must be a finite number >= 0, got {kl_coef!r}.")
-    check_finite(fn, "scores", scores)
-    check_finite(fn, "logp", logp, mask)
-    check_finite(fn, "ref_logp", ref_logp, mask)
 
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     kl = torch.where(mask, kl_estimate(torch.where(mask, logp, zero), torch.where(mask, ref_logp, zero), kind), zero)

@@ -27,6 +27,7 @@ from lightning_llm.rlhf._validation import (
     check_float,
     check_mask,
     check_range,
+    check_rows,
     check_same_shape,
 )
 from lightning_llm.rlhf.stats import masked_mean
@@ -34,6 +35,23 @@ from lightning_llm.rlhf.stats import masked_mean
 
 def _zero_pad(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _check_advantages(fn: str, advantages: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``advantages`` per token ``(B, T)`` as ``logp``, or per sequence ``(B,)``, returned as ``(B, 1)``."""
+    check_float(fn, "advantages", advantages, ndim=(1, 2))
+    if advantages.dim() == 2:
+        check_same_shape(fn, logp=logp, advantages=advantages)
+        return advantages
+    check_rows(fn, "advantages", advantages, logp)
+    return advantages[:, None]  # (B, 1)
+
+
+def _clip_range(fn: str, clip_eps: float, clip_eps_high: float | None) -> tuple[float, float]:
+    """``(eps_low, eps_high)``, both > 0; ``eps_high`` defaults to ``eps_low``."""
+    low = check_range(fn, "clip_eps", clip_eps, 0.0, None, low_inclusive=False)
+    high = low if clip_eps_high is None else check_range(fn, "clip_eps_high", clip_eps_high, 0.0, None, False)
+    return low, high
 
 
 def policy_loss(
@@ -67,19 +85,10 @@ def policy_loss(
     fn = "policy_loss"
     check_float(fn, "logp", logp, ndim=2)
     check_float(fn, "old_logp", old_logp, ndim=2)
-    check_float(fn, "advantages", advantages, ndim=(1, 2))
     check_same_shape(fn, logp=logp, old_logp=old_logp)
-    if advantages.dim() == 1:
-        if advantages.shape[0] != logp.shape[0]:
-            raise ValueError(
-                f"{fn}: 1-D `advantages` must have one entry per row of `logp` ({logp.shape[0]}), "
-                f"got shape {tuple(advantages.shape)}."
-            )
-        advantages = advantages[:, None].expand_as(logp)  # (B, T)
-    check_same_shape(fn, logp=logp, advantages=advantages)
+    advantages = _check_advantages(fn, advantages, logp).expand_as(logp)  # (B, T)
     mask = check_mask(fn, mask, logp.shape)
-    eps_low = check_range(fn, "clip_eps", clip_eps, 0.0, None, low_inclusive=False)
-    eps_high = eps_low if clip_eps_high is None else check_range(fn, "clip_eps_high", clip_eps_high, 0.0, None, False)
+    eps_low, eps_high = _clip_range(fn, clip_eps, clip_eps_high)
     check_finite(fn, "advantages", advantages, mask)
     check_finite(fn, "old_logp", old_logp, mask)
 
@@ -199,21 +208,11 @@ def grpo_loss(
     fn = "grpo_loss"
     check_float(fn, "logp", logp, ndim=2)
     check_float(fn, "old_logp", old_logp, ndim=2)
-    check_float(fn, "advantages", advantages, ndim=(1, 2))
     check_same_shape(fn, logp=logp, old_logp=old_logp)
-    if advantages.dim() == 1:
-        if advantages.shape[0] != logp.shape[0]:
-            raise ValueError(
-                f"{fn}: 1-D `advantages` must have one entry per row of `logp` ({logp.shape[0]}), "
-                f"got shape {tuple(advantages.shape)}."
-            )
-        advantages = advantages[:, None]  # (B, 1)
-    else:
-        check_same_shape(fn, logp=logp, advantages=advantages)
+    advantages = _check_advantages(fn, advantages, logp)  # (B, T) or (B, 1)
     mask = check_mask(fn, mask, logp.shape)
     check_choice(fn, "loss_type", loss_type, GRPO_LOSS_TYPES)
-    eps_low = check_range(fn, "clip_eps", clip_eps, 0.0, None, low_inclusive=False)
-    eps_high = eps_low if clip_eps_high is None else check_range(fn, "clip_eps_high", clip_eps_high, 0.0, None, False)
+    eps_low, eps_high = _clip_range(fn, clip_eps, clip_eps_high)
     beta = check_range(fn, "beta", beta, 0.0, None)
     if beta != 0.0:
         if ref_logp is None:
@@ -293,18 +292,15 @@ def rloo_loss(
     check_float(fn, "old_logp", old_logp, ndim=(1, 2))
     check_float(fn, "advantages", advantages, ndim=1)
     mask = check_mask(fn, mask, logp.shape)
-    if advantages.shape[0] != logp.shape[0]:
-        raise ValueError(f"{fn}: `advantages` must be ({logp.shape[0]},), got {tuple(advantages.shape)}.")
-    eps_low = check_range(fn, "clip_eps", clip_eps, 0.0, None, low_inclusive=False)
-    eps_high = eps_low if clip_eps_high is None else check_range(fn, "clip_eps_high", clip_eps_high, 0.0, None, False)
+    check_rows(fn, "advantages", advantages, logp)
+    eps_low, eps_high = _clip_range(fn, clip_eps, clip_eps_high)
     check_finite(fn, "advantages", advantages)
     if old_logp.dim() == 2:
         check_same_shape(fn, logp=logp, old_logp=old_logp)
         check_finite(fn, "old_logp", old_logp, mask)
         old_seq = _zero_pad(old_logp.detach(), mask).sum(-1)  # (B,)
     else:
-        if old_logp.shape[0] != logp.shape[0]:
-            raise ValueError(f"{fn}: 1-D `old_logp` must be ({logp.shape[0]},), got {tuple(old_logp.shape)}.")
+        check_rows(fn, "old_logp", old_logp, logp)
         check_finite(fn, "old_logp", old_logp)
         old_seq = old_logp.detach()
     seq = _zero_pad(logp, mask).sum(-1)  # (B,)

@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # Python >= 3.11
+    from typing import Self
 
 __all__ = ["GroupRollout", "Rollout", "select_rows"]
 
 
+class _Rows:
+    """What the rollout dataclasses share: rows of ``sequences`` ``(B, P + N)``, prompts of ``prompt_length`` P."""
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """``(B, N)`` the generated tokens."""
+        return self.sequences[:, self.prompt_length :]
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def select(self, idx: torch.Tensor) -> Self:
+        """Rows ``idx`` of every per-row field."""
+        return select_rows(self, idx)
+
+
 @dataclass
-class Rollout:
+class Rollout(_Rows):
     """One batch of experience (all tensors are detached).
 
     Attributes:
@@ -41,17 +61,6 @@ class Rollout:
     prompts: list[str]
     completions: list[str]
 
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_length :]
-
-    def __len__(self) -> int:
-        return self.sequences.shape[0]
-
-    def select(self, idx: torch.Tensor) -> Rollout:
-        """Rows ``idx`` of every per-row field."""
-        return select_rows(self, idx)
-
 
 def select_rows(rollout, idx: torch.Tensor):
     """A copy of a rollout dataclass with rows ``idx`` of every per-row field (tensors with a batch axis, lists);
@@ -69,7 +78,7 @@ def select_rows(rollout, idx: torch.Tensor):
 
 
 @dataclass
-class GroupRollout:
+class GroupRollout(_Rows):
     """One generation batch of a critic-free method (GRPO, RLOO): ``G`` completions of each prompt, detached.
 
     Rows are laid out in consecutive groups (TRL's ``repeat_interleave`` order): rows ``[0, G)`` answer prompt 0.
@@ -103,11 +112,4 @@ class GroupRollout:
 
     @property
     def completions_ids(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_length :]
-
-    def __len__(self) -> int:
-        return self.sequences.shape[0]
-
-    def select(self, idx: torch.Tensor) -> GroupRollout:
-        """Rows ``idx`` of every per-row field."""
-        return select_rows(self, idx)
+        return self.responses

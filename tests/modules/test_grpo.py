@@ -310,7 +310,7 @@ def test_dapo_accumulated_gradient_equals_the_whole_batch_gradient():
 def test_truncate_at_eos_equals_stopping_at_eos():
     """Under FSDP2 every rank decodes all steps and the rows are cut at their first EOS afterwards: the same
     sequences, masks and log-probs as generation that stops rows at EOS (same seed: the sampler draws every step)."""
-    from lightning_llm.modules.grpo import truncate_at_eos
+    from lightning_llm.modules.online import truncate_at_eos
     from lightning_llm.nn.generation import generate
 
     dm = _prompts()

@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--strategy-kwargs", default="{}")
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="per data-parallel rank")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--save-at", type=int, default=4)
     p.add_argument("--n-train", type=int, default=24)
     p.add_argument("--n-val", type=int, default=10)
