@@ -144,6 +144,7 @@ class OnlineRLModule(LLMModule):
         self.reward_weights = weights
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
+        self._validation_generator: torch.Generator | None = None
         self.rollouts_done = 0
         self.val_reward = MeanMetric()
 
@@ -203,6 +204,20 @@ class OnlineRLModule(LLMModule):
             self._generator = g
         return self._generator
 
+    def _validating(self) -> bool:
+        t = self._trainer
+        return t is not None and (t.validating or t.sanity_checking) and self._validation_generator is not None
+
+    def on_validation_epoch_start(self) -> None:
+        """Validation samples from its own generator, re-seeded at every validation: the training sampler's stream
+        does not depend on how often (or whether) validation runs, so a run resumed from a checkpoint written just
+        before a validation samples what the uninterrupted run did, and every validation scores the same draws."""
+        self._validation_generator = torch.Generator(device=self.device)
+        self._validation_generator.manual_seed(self.hparams.seed + 1000 * self.data_parallel_rank + 7919)
+
+    def on_validation_epoch_end(self) -> None:
+        self._validation_generator = None
+
     def _check_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> None:
         owner, n_new = self.algorithm, self.hparams.max_new_tokens
         if not prompt_ids:
@@ -241,7 +256,7 @@ class OnlineRLModule(LLMModule):
             top_p=hp.top_p,
             eos_id=None if sharded else eos_id,
             pad_id=pad_id,
-            generator=self.generator,
+            generator=self._validation_generator if self._validating() else self.generator,
         )
         return truncate_at_eos(out, eos_id, pad_id) if sharded and eos_id is not None else out
 

@@ -65,6 +65,19 @@ PPO_TINY = [
     "--trainer.enable_model_summary", "false",
 ]  # fmt: skip
 
+#: GRPO with a reference model (beta > 0): 4 prompt batches of 4 prompts x G = 4 completions per epoch, 1 step each
+GRPO_MAX_STEPS = 8
+GRPO_TINY = [
+    "--model.init_args.config.n_layer", "1", "--model.init_args.config.n_embd", "32",
+    "--model.init_args.config.n_head", "2", "--model.init_args.num_generations", "4",
+    "--model.init_args.beta", "0.04", "--model.init_args.log_completions_every_n_steps", "0",
+    "--data.init_args.num_train", "16", "--data.init_args.num_val", "8", "--data.init_args.batch_size", "4",
+    "--trainer.max_epochs", "-1", "--trainer.max_steps", str(GRPO_MAX_STEPS),
+    "--trainer.val_check_interval", "4", "--trainer.check_val_every_n_epoch", "null",
+    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
 #: the quickstart LM on 2 gloo processes (DDP): 16 blocks per rank, 2 steps per epoch, a validation per epoch
 DDP_TINY = [*TINY, "--config", str(ROOT / "configs" / "trainer" / "cpu_ddp.yaml"), "--trainer.val_check_interval", "2"]
 DDP_MAX_STEPS = 8
@@ -75,6 +88,7 @@ SETUPS = {
     "causal_lm": ("quickstart.yaml", TINY, MAX_STEPS),
     "causal_lm_ddp": ("quickstart.yaml", [*DDP_TINY, "--trainer.max_steps", str(DDP_MAX_STEPS)], DDP_MAX_STEPS),
     "ppo": ("rlhf/ppo_quickstart.yaml", PPO_TINY, PPO_MAX_STEPS),
+    "grpo": ("rlhf/grpo_quickstart.yaml", GRPO_TINY, GRPO_MAX_STEPS),
 }
 
 
@@ -258,6 +272,29 @@ def test_ppo_kill_then_resume_is_exact(ppo_reference, tmp_path, kill):
     assert proc.returncode == -signal.SIGKILL, f"the run was not killed at {kill}: {proc.stderr[-2000:]}"
     FIGURES["cases"] += 1
     _check_checkpoints_and_resume(run, ref_run, ref_records, setup="ppo")
+    FIGURES["kills_survived"] += 1
+
+
+@pytest.fixture(scope="module")
+def grpo_reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("grpo_uninterrupted")
+    proc = _run(run, setup="grpo")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = read_records(run / "records.jsonl")
+    assert [r["step"] for r in records] == list(range(1, GRPO_MAX_STEPS + 1))
+    assert [r["epoch"] for r in records] == [s // 4 for s in range(GRPO_MAX_STEPS)]
+    return run, records
+
+
+@pytest.mark.parametrize("kill", ["train_batch_end:5", pytest.param("checkpoint_write:6:1", marks=pytest.mark.slow)])
+def test_grpo_kill_then_resume_is_exact(grpo_reference, tmp_path, kill):
+    """GRPO: the group rollouts (sampling generator), the reference model and the prompt order resume exactly."""
+    ref_run, ref_records = grpo_reference
+    run = tmp_path / "run"
+    proc = _run(run, kill=kill, setup="grpo")
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed at {kill}: {proc.stderr[-2000:]}"
+    FIGURES["cases"] += 1
+    _check_checkpoints_and_resume(run, ref_run, ref_records, setup="grpo")
     FIGURES["kills_survived"] += 1
 
 
