@@ -438,3 +438,53 @@ def test_dpo_reference_with_another_tokenizer_is_refused(llama_dirs, tmp_path):
     assert len(AutoTokenizer.from_pretrained(gpt2.ref)) == len(AutoTokenizer.from_pretrained(llama_dirs.policy))
     with pytest.raises(ValueError, match="different tokenizer than the policy"):  # same size, other tokens
         DPO(pretrained=llama_dirs.policy, ref_model=gpt2.ref)
+
+
+# ------------------------------------------------------------------------------------------------ SFT
+SFT_DATA = {
+    "text": [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "Hello there, how are you?"}],
+    "prompt_completion": [
+        {"prompt": "What color is the sky?", "completion": " It is blue."},
+        {"prompt": "Name a fruit.", "completion": " An apple, maybe."},
+    ],
+    "chat": [
+        {"messages": [_msg("user", "What color is the sky?"), _msg("assistant", "It is blue.")]},
+        {"messages": [_msg("system", "Be brief."), _msg("user", "Name a fruit."), _msg("assistant", "An apple.")]},
+    ],
+}
+
+
+@pytest.mark.parametrize("data", list(SFT_DATA))
+def test_sft_token_ids_and_first_loss_equal_trl(hf_dirs, data, tmp_path):
+    """TRL's ``SFTTrainer`` end to end (its dataset preparation, collator and ``compute_loss``) against our
+    ``SFTDataModule`` + ``SFT`` on the same model and rows: same ids, same scored tokens, same first-step loss."""
+    from trl import SFTConfig, SFTTrainer
+
+    from lightning_llm.data.sft import SFTDataModule
+    from lightning_llm.modules.sft import SFT
+
+    trainer = SFTTrainer(
+        model=hf_dirs.policy,
+        args=_args(SFTConfig, tmp_path, max_length=64),
+        train_dataset=Dataset.from_list(SFT_DATA[data]),
+        processing_class=_hf_tokenizer(hf_dirs),
+    )
+    ds = trainer.train_dataset
+    trl_batch = trainer.data_collator([ds[i] for i in range(len(ds))])
+
+    path = _jsonl(tmp_path / f"sft_{data}.jsonl", SFT_DATA[data])
+    template = DEFAULT_CHAT_TEMPLATE if hf_dirs.kind == "ours" else None
+    dm = SFTDataModule(
+        dataset=path, val_dataset=path, tokenizer=hf_dirs.policy, chat_template=template, max_length=64, batch_size=8
+    )
+    ours_ds = dm.dataset("train")
+    batch = dm.collate_fn([ours_ds[i] for i in range(len(ours_ds))])
+    assert batch["input_ids"].tolist() == trl_batch["input_ids"].tolist()
+    assert batch["attention_mask"].tolist() == trl_batch["attention_mask"].tolist()
+    # transformers' labels[t] is token t (-100: not scored); our targets[t] is the next token, labels[t + 1]
+    assert batch["targets"][:, :-1].tolist() == trl_batch["labels"][:, 1:].tolist()
+
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, trl_batch).item()
+        ours = SFT(pretrained=hf_dirs.policy).loss(batch).item()
+    assert ours == pytest.approx(trl_loss, rel=1e-6, abs=1e-6)
