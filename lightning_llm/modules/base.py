@@ -7,7 +7,9 @@ It owns the glue each module would otherwise write again:
   (a Hugging Face directory, a checkpoint of any of our modules, a sharded checkpoint folder), in ``dtype``;
 * **configure_model**: builds the module's models once (:meth:`build`, idempotent), then, under Lightning's
   ``ModelParallelStrategy`` (FSDP2 / tensor parallel), applies :func:`lightning_llm.parallel.parallelize` to every
-  transformer the module lists in :meth:`transformers`; on one device, ``compile=True`` compiles them;
+  transformer the module lists in :meth:`transformers` and :func:`lightning_llm.parallel.shard_heads` to the small
+  modules of :meth:`heads` (a trainable parameter left out of both is an error: nothing would average its gradient);
+  on one device, ``compile=True`` compiles them;
 * **tokenizer**: taken over from the data module in ``setup`` after checking the vocabulary and the context length;
   stored in and restored from checkpoints as plain strings (safe under ``torch.load(weights_only=True)``);
 * **LoRA** (``lora``, through ``peft``): adapters injected into the backbone :meth:`build_backbone` returns; a
@@ -227,6 +229,13 @@ class LLMModule(L.LightningModule):
     def _models(self) -> list[torch.nn.Module]:
         return [m for m in self.transformers() if isinstance(m, torch.nn.Module)]
 
+    def heads(self) -> list[torch.nn.Module]:
+        """Modules outside :meth:`transformers` that hold parameters (the scalar heads of reward and value models).
+
+        Under a sharding strategy ``configure_model`` shards them too (:func:`~lightning_llm.parallel.shard_heads`),
+        so that their gradients are averaged over the data-parallel ranks. Default: none."""
+        return []
+
     def configure_model(self) -> None:
         """Build the models once; then shard them under a model-parallel strategy, or compile them on one device.
 
@@ -239,17 +248,37 @@ class LLMModule(L.LightningModule):
             return
         hp = self.hparams
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2 / tensor parallel
-            from lightning_llm.parallel import parallelize
+            from lightning_llm.parallel import parallelize, shard_heads
 
             strategy = self._trainer.strategy if self._trainer is not None else None
             options = {**getattr(strategy, "parallelize_kwargs", {}), **(hp.parallel or {})}  # the module's win
             for model in self._models():
                 parallelize(model, self._device_mesh, **options)
+            shard_heads(self.heads(), self._device_mesh, **options)
+            self._check_sharded()
             self._parallelized = True
         elif hp.compile:
             for model in self._models():
                 model.compile()
             self._parallelized = True
+
+    def _check_sharded(self) -> None:
+        """Raise when FSDP2 shards over several ranks but a trainable parameter stayed a plain tensor: nothing would
+        average its gradient, and every rank would train its own copy."""
+        from torch.distributed.tensor import DTensor
+
+        from lightning_llm.parallel.parallelize import _data_parallel_mesh
+
+        dp_mesh = _data_parallel_mesh(self._device_mesh)
+        if dp_mesh is None or dp_mesh.size() == 1:
+            return
+        plain = [n for n, p in self.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        if plain:
+            raise ValueError(
+                f"{type(self).__name__}: under FSDP2 the trainable parameters {plain[:5]}{' ...' if len(plain) > 5 else ''}"
+                " are neither in a module of `transformers()` nor of `heads()`, so they are not sharded and their "
+                "gradients would not be averaged over the data-parallel ranks. List their modules in `heads()`."
+            )
 
     # -------------------------------------------------------------------------------------------- tokenizer
     def setup(self, stage: str) -> None:

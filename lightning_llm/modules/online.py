@@ -17,8 +17,20 @@ loop, kept here once so that a fix reaches all three:
   clipped, statistics averaged;
 * **logging**: ``train/<statistic>`` once per rollout (:meth:`log_rollout`), the validation reward, sample completions
   (``logger.log_text`` or ``<log_dir>/completions.csv``);
-* **checkpoints**: the rollout counter and the sampler's RNG state, so that a resumed run samples what an uninterrupted
-  one would have.
+* **checkpoints**: the rollout counter and every rank's sampler RNG state, so that a resumed run samples what an
+  uninterrupted one would have.
+
+Under FSDP2 (``--config configs/trainer/cpu_fsdp2.yaml``, :class:`~lightning_llm.parallel.FSDP2Strategy`)
+``configure_model`` shards every model: the policy, the value model (PPO), the frozen reference and the frozen reward
+model (backbones per block and root, the scalar heads too: :meth:`heads`). The frozen models are sharded, not
+offloaded: each rank runs them on its own rows at every rollout, so a per-layer all-gather costs what the policy's
+forward costs, whereas a CPU-offloaded copy would hold the full model in host memory on every rank and copy it to the
+device for each pass; and they reshard after every forward even with ``reshard_after_forward=False`` (no backward
+would free them). Generation gathers each block's weights around its forward at every decoding step (with
+``reshard_after_forward=False`` the policy stays gathered from the first step until the next training backward).
+Each data-parallel rank samples its own prompts with its own generator (seed ``seed + 1000 *``
+:attr:`data_parallel_rank`), so losses and statistics equal those of a DDP run with the same per-rank data (not those
+of one process with the global batch, which would draw other random numbers).
 
 Notation: B rows per rollout, P padded prompt length, N new tokens.
 """
@@ -376,7 +388,13 @@ class OnlineRLModule(LLMModule):
     def log_completions(self, roll: Any) -> None:
         """Log a few (rollout, prompt, completion, :meth:`completion_columns`) rows: ``logger.log_text`` when
         available, else a CSV in the log dir."""
-        if self._trainer is None or not self.trainer.is_global_zero:
+        if self._trainer is None:
+            return
+        logger = self.logger
+        log_dir = None
+        if logger is None or not hasattr(logger, "log_text"):  # every rank: `trainer.log_dir` broadcasts (DDP, FSDP2)
+            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if not self.trainer.is_global_zero:
             return
         n = min(self.hparams.num_logged_completions, len(roll))
         values = self.completion_columns(roll)
@@ -385,11 +403,9 @@ class OnlineRLModule(LLMModule):
             [self.rollouts_done, roll.prompts[i], roll.completions[i], *(float(v[i]) for v in values.values())]
             for i in range(n)
         ]
-        logger = self.logger
         if logger is not None and hasattr(logger, "log_text"):
             logger.log_text(key="samples/completions", columns=columns, data=rows, step=self.global_step)
             return
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         if log_dir is None:
             return
         os.makedirs(log_dir, exist_ok=True)

@@ -24,7 +24,9 @@ positions ``P-1 .. P+N-2`` score the response tokens ``s[P:]``, and the value at
 the state before response token t. All statistics are averaged over valid response tokens only.
 
 Under DDP, Lightning prepares the gradient all-reduce before every ``manual_backward``, so the many backward passes
-of one PPO iteration stay synchronised; each rank samples its own prompts.
+of one PPO iteration stay synchronised; each rank samples its own prompts. (A separate value model leaves its
+backbone's ``lm_head`` unused: DDP then needs ``strategy="ddp_find_unused_parameters_true"``.) Under FSDP2 the policy,
+value model, reference and reward model are all sharded (:class:`~lightning_llm.modules.online.OnlineRLModule`).
 
 Notation: B prompts per rollout, P padded prompt length, N new tokens, V vocabulary, C width.
 """

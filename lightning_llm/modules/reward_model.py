@@ -63,6 +63,9 @@ class RewardModel(LLMModule):
     def transformers(self) -> list[torch.nn.Module]:
         return [self.backbone]
 
+    def heads(self) -> list[torch.nn.Module]:
+        return [self.head]
+
     # -------------------------------------------------------------------------------------------- scoring
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Scores ``(B,)``: the head at each row's last attended non-pad token (see the module docstring)."""

@@ -18,6 +18,7 @@ from lightning_llm.parallel.parallelize import (
     clip_grad_norm_,
     parallelize,
     shard_alibi_slopes,
+    shard_heads,
     sharded_state_bytes,
 )
 from lightning_llm.parallel.pipeline import PipelineRunner, bubble_fraction, split_layers, split_model
@@ -71,6 +72,7 @@ __all__ = [
     "plan",
     "plan_command",
     "shard_alibi_slopes",
+    "shard_heads",
     "sharded_state_bytes",
     "split_layers",
     "split_model",

@@ -241,7 +241,9 @@ def parallelize(
         activation_checkpointing: recompute each block in the backward instead of storing its activations.
         compile: ``torch.compile`` each block (``True`` or a dict of ``torch.compile`` keyword arguments).
         reshard_after_forward: free gathered block weights after the forward (ZeRO-3); ``False`` keeps them until the
-            backward (ZeRO-2-like, more memory, one all-gather fewer).
+            backward (ZeRO-2-like, more memory, one all-gather fewer). A model without trainable parameters (a frozen
+            reference or reward model) always reshards after its forward: it never runs a backward, so under ``False``
+            its gathered weights would stay on every rank for good.
         mp_policy: FSDP2 mixed precision: a ``MixedPrecisionPolicy`` or a dict
             (``{"param_dtype": "bfloat16", "reduce_dtype": "float32"}``).
         cpu_offload: keep sharded parameters, gradients and optimizer states in CPU memory (``CPUOffloadPolicy``).
@@ -273,6 +275,8 @@ def parallelize(
     tp_size = tp_mesh.size() if tp_mesh is not None else 1
     pp_size = pp_mesh.size() if pp_mesh is not None else 1
     meta = _has_meta(model)
+    if not any(p.requires_grad for p in model.parameters()):
+        reshard_after_forward = True  # frozen: no backward would ever free the gathered weights
     roots = None
     if pp_size > 1:
         from lightning_llm.parallel.pipeline import split_model
@@ -337,7 +341,8 @@ def shard_heads(
     Their parameters become DTensors sharded over the data-parallel dimension like the transformers', and their
     gradients are reduce-scattered (averaged over the ranks). Left as plain tensors, no collective would touch them
     under FSDP2 (there is no DDP wrapper): every rank would step its own copy on its own data and the copies would
-    drift apart. Each module is gathered around its ``forward``. Under pure tensor parallelism (a 1-rank data-parallel
+    drift apart. Each module is gathered around its ``forward`` (a frozen one always reshards after it, as in
+    :func:`parallelize`). Under pure tensor parallelism (a 1-rank data-parallel
     dimension) nothing is done: every rank sees the same batch, so replicated heads stay equal. Other keyword
     arguments (the rest of :func:`parallelize`'s options) are ignored; modules already sharded are skipped.
     """
@@ -351,10 +356,11 @@ def shard_heads(
     for module in modules:
         if getattr(module, _PARALLELIZED, False):
             continue
+        frozen = not any(p.requires_grad for p in module.parameters())  # never resharded by a backward
         fully_shard(
             module,
             mesh=dp_mesh,
-            reshard_after_forward=reshard_after_forward,
+            reshard_after_forward=reshard_after_forward or frozen,
             mp_policy=_mp_policy(mp_policy),
             offload_policy=offload,
         )

@@ -144,6 +144,47 @@ class FSDP2Strategy(ModelParallelStrategy):
             _replace_dir(tmp, path)
         self.barrier()
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a sharded (DCP) folder as Lightning does, except that parameters without optimizer state in it stay
+        without state.
+
+        An optimizer keeps no state for a parameter that never had a gradient (the unused ``lm_head`` of a reward or
+        value model's backbone). torch's ``get_optimizer_state_dict`` gives a fresh optimizer state for EVERY trainable
+        parameter (a zero-learning-rate step), so Lightning's load asks the checkpoint for entries it never had and
+        fails; here those entries are left out of the request, and the loaded optimizer holds exactly the saved state,
+        as the uninterrupted run does. A single-file checkpoint takes Lightning's path.
+        """
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path.is_dir() and (path / ".metadata").is_file()):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        module = self.model
+        module_state = {"state_dict": get_model_state_dict(module)}
+        _distributed_checkpoint_load(module_state, path)
+        module.load_state_dict(module_state["state_dict"], strict=self.lightning_module.strict_loading)
+        saved = list(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            prefix = f"{key}.state."
+            # "optimizer_0.state.<parameter fqn>.<state name>" -> the parameters that have state in the checkpoint
+            stored = {k[len(prefix) :].rsplit(".", 1)[0] for k in saved if k.startswith(prefix)}
+            optim_state = get_optimizer_state_dict(module, optimizer)
+            optim_state["state"] = {fqn: s for fqn, s in optim_state["state"].items() if fqn in stored}
+            request = {key: optim_state}
+            _distributed_checkpoint_load(request, path)
+            options = StateDictOptions(cpu_offload=True, strict=False)  # strict: a state for every parameter
+            set_optimizer_state_dict(module, optimizer, request[key], options=options)
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
 
 class PipelineStrategy(FSDP2Strategy):
     """Pipeline parallelism (``torch.distributed.pipelining``) composed with FSDP2 and tensor parallelism.
