@@ -2,9 +2,14 @@
 
 ``W x + s B A x`` with ``A (r, in)`` Kaiming-uniform, ``B (out, r)`` zero (training starts at the base model) and
 ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). Adapters are injected in place with ``peft.inject_adapter_in_model``
-(the module keeps its class and its forward; each targeted ``nn.Linear`` becomes a ``peft`` ``lora.Linear`` whose
-base weight sits at ``<name>.base_layer.weight`` and adapters at ``<name>.lora_A.default.weight`` /
-``<name>.lora_B.default.weight``). Only adapter weights are trainable afterwards.
+(the module keeps its class and its forward; each targeted ``nn.Linear`` becomes a ``peft`` ``lora.Linear``, as
+:class:`LeanLoraLinear` below, whose base weight sits at ``<name>.base_layer.weight`` and adapters at ``<name>.lora_A.default.weight`` /
+``<name>.lora_B.default.weight``). Only adapter weights are trainable afterwards: the frozen base has no gradients
+(so no optimiser state either) and keeps its own dtype (no float32 copy).
+
+Each adapted ``nn.Linear`` runs as :class:`LeanLoraLinear` (peft's layer, one method changed): in the common case it
+adds ``s B A x`` into the base output in place, so the ``B A x * s`` and ``W x + ...`` copies of peft's forward (two
+output-sized temporaries per layer, in the forward of every step) do not exist.
 
 * :func:`apply_lora` validates the settings (targets that match nothing, a rank larger than a layer) and injects;
 * :func:`adapters_disabled` is a context manager running the base model (the reference model of DPO / PPO, no copy);
@@ -121,8 +126,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.
     """Inject LoRA adapters into ``model`` in place (``peft.inject_adapter_in_model``); only adapters stay trainable.
 
     Raises:
-        ValueError: a target that matches no ``nn.Linear`` of the model (names the linear layers it has), or a rank
-            larger than ``min(in_features, out_features)`` of a targeted layer.
+        ValueError: a target that matches no ``nn.Linear`` of the model (names the linear layers it has), a rank
+            larger than ``min(in_features, out_features)`` of a targeted layer, or the ``lm_head`` of our
+            :class:`~lightning_llm.nn.Transformer` (which projects with ``output_weight``, never calling the layer).
     """
     from peft import inject_adapter_in_model
 
@@ -144,14 +150,67 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.
                     f"{lin.out_features}): a rank-r update cannot exceed min(in, out)="
                     f"{min(lin.in_features, lin.out_features)}. Use r <= {min(lin.in_features, lin.out_features)}."
                 )
+        if "lm_head" in hits and hasattr(model, "output_weight"):
+            raise ValueError(
+                "`lora.target_modules` includes 'lm_head', but lightning_llm's Transformer computes its loss and logits "
+                "from `output_weight` directly, so an adapter there would never be used. Adapt the block projections "
+                "(e.g. 'all-linear') or train the output layer fully."
+            )
     model.requires_grad_(False)
     inject_adapter_in_model(settings.peft_config(), model)
+    lean = _lean_linear_class()
     for layer in lora_layers(model):  # peft's own freezing marks only adapters trainable; make it explicit
         for p in layer.lora_A.parameters():
             p.requires_grad_(True)
         for p in layer.lora_B.parameters():
             p.requires_grad_(True)
+        if type(layer) is lean.__base__ and type(layer.get_base_layer()) is nn.Linear:
+            layer.__class__ = lean
     return model
+
+
+_LEAN_LINEAR: type | None = None
+
+
+def _lean_linear_class() -> type:
+    """:class:`LeanLoraLinear`, defined on first use (``peft`` is imported only when LoRA is used)."""
+    global _LEAN_LINEAR
+    if _LEAN_LINEAR is None:
+        from peft.tuners.lora.layer import Linear
+
+        class LeanLoraLinear(Linear):
+            """peft's LoRA ``Linear`` whose forward, for one active plain adapter (not merged, not DoRA or another
+            variant, input already in the adapter's dtype, no extra arguments), is ``W x + b`` followed by an in-place
+            ``add_(B A dropout(x), alpha=s)``: the same value (up to rounding: one fused multiply-add) and gradients as
+            peft's ``result + B A x * s``, without its two output-sized temporaries. Any other case is peft's forward.
+            """
+
+            def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                active = self.active_adapters
+                if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+                    return super().forward(x, *args, **kwargs)
+                name = active[0]
+                if name not in self.lora_A or name in getattr(self, "lora_variant", {}):
+                    return super().forward(x)
+                lora_a = self.lora_A[name]
+                if x.dtype != lora_a.weight.dtype:
+                    return super().forward(x)
+                result = self.base_layer(x)
+                update = self.lora_B[name](lora_a(self.lora_dropout[name](x)))
+                if update.dtype != result.dtype:
+                    return super().forward(x)
+                return result.add_(update, alpha=self.scaling[name])  # the base output is not saved for backward
+
+        LeanLoraLinear.__module__ = __name__
+        LeanLoraLinear.__qualname__ = "LeanLoraLinear"  # pickles as lightning_llm.nn.lora.LeanLoraLinear
+        _LEAN_LINEAR = LeanLoraLinear
+    return _LEAN_LINEAR
+
+
+def __getattr__(name: str) -> Any:  # ``LeanLoraLinear`` is created on first use (and when unpickled)
+    if name == "LeanLoraLinear":
+        return _lean_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextlib.contextmanager

@@ -89,6 +89,54 @@ def test_merge_equals_unmerged_and_disable_gives_base():
     torch.testing.assert_close(model(ids), adapted, rtol=0, atol=1e-5)
 
 
+def test_lean_layer_matches_peft_forward_and_gradients():
+    """The in-place adapter sum is peft's ``W x + s B A x`` (values and gradients of x, A and B); disabled adapters,
+    a second active adapter or pickling / deepcopy fall back to or keep peft's behaviour."""
+    import copy
+    import pickle
+
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from lightning_llm.nn.lora import LeanLoraLinear
+
+    model = Transformer(CFG)
+    apply_lora(model, {"r": 4, "alpha": 8, "target_modules": "all-linear"})
+    _randomise_b(model)
+    layers = lora_layers(model)
+    assert layers and all(type(layer) is LeanLoraLinear for layer in layers)
+    layer = model.blocks[0].mlp.up_proj
+    x = torch.randn(2, 5, 32, requires_grad=True)
+
+    def run(forward):
+        out = forward(x)
+        out.pow(2).sum().backward()
+        grads = [
+            x.grad.clone(),
+            layer.lora_A["default"].weight.grad.clone(),
+            layer.lora_B["default"].weight.grad.clone(),
+        ]
+        x.grad = layer.lora_A["default"].weight.grad = layer.lora_B["default"].weight.grad = None
+        return out.detach(), grads
+
+    lean_out, lean_grads = run(layer)
+    peft_out, peft_grads = run(lambda t: PeftLinear.forward(layer, t))
+    torch.testing.assert_close(lean_out, peft_out, rtol=1e-6, atol=1e-6)
+    for a, b in zip(lean_grads, peft_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), adapters_disabled(model):
+        torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+    ids = torch.randint(0, 64, (2, 8))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(clone.blocks[0].attn.q_proj) is LeanLoraLinear
+        torch.testing.assert_close(clone(ids), model(ids), rtol=0, atol=0)
+
+
+def test_lora_on_the_transformer_output_layer_is_refused():
+    """Our Transformer projects with ``output_weight`` (never calling ``lm_head``): an adapter there would be ignored."""
+    with pytest.raises(ValueError, match="includes 'lm_head'"):
+        apply_lora(Transformer(CFG), {"r": 2, "target_modules": ["q_proj", "lm_head"]})
+
+
 def test_lora_errors():
     with pytest.raises(ValueError, match=r"'qproj' matches no linear layer.*'q_proj'"):
         apply_lora(Transformer(CFG), {"target_modules": ["q_proj", "qproj"]})

@@ -77,6 +77,50 @@ def test_loss_is_the_masked_token_mean():
     torch.testing.assert_close(module.loss(batch), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lora", [None, {"r": 2, "alpha": 4, "target_modules": "all-linear"}])
+def test_scored_rows_loss_and_gradients_equal_the_full_head(lora):
+    """The training loss projects only scored positions, in chunks: the same loss and gradients as the model's own
+    loss over every position (padded vocabulary rows excluded), for full fine-tuning and LoRA."""
+    from lightning_llm.nn.heads import chunked_cross_entropy
+
+    tok = char_tokenizer(chars=INSTRUCTION_CHARS)
+    cfg = TransformerConfig(
+        vocab_size=tok.vocab_size, padded_vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16
+    )
+    torch.manual_seed(0)
+    module = SFT(config=cfg, lora=lora)
+    module.configure_model()
+    items = [tokenize_sft_example(r, tok, ChatTemplate()) for r in instruction_examples(4, 2)]
+    batch = collate_sft(items, tok.pad_id)
+    assert 0 < int((batch["targets"] != IGNORE_INDEX).sum()) < batch["targets"].numel()
+    loss = module.loss(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    module.zero_grad()
+    model = module.model
+    hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)
+    ref = chunked_cross_entropy(
+        hidden.flatten(0, 1), model.output_weight, batch["targets"].flatten(), vocab_size=cfg.vocab_size
+    )
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7)
+    empty = {**batch, "targets": torch.full_like(batch["targets"], IGNORE_INDEX)}
+    assert float(module.loss(empty)) == 0.0  # nothing scored: 0, not nan
+
+
+def test_default_optimizer_is_fused_adamw():
+    module = SFT(config=TransformerConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    module.configure_model()
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0] and opt.defaults["lr"] == 2e-5
+    n = sum(p.numel() for p in module.parameters())
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n
+
+
 def test_sft_learns_held_out_prompts(tmp_path):
     L.seed_everything(0)
     dm = SFTDataModule(num_train=512, num_val=64, max_length=48, batch_size=32)
