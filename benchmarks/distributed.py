@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -32,27 +31,12 @@ STRATEGIES = ("ddp", "fsdp2", "fsdp2_tp")
 def worker(args: argparse.Namespace) -> None:
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import Callback
-    from torch.utils.data import DataLoader, TensorDataset
+    from _common import step_probe, token_rows_dataset
+    from torch.utils.data import DataLoader
 
     from lightning_llm.config import TransformerConfig
     from lightning_llm.modules.causal_lm import CausalLM
-    from lightning_llm.parallel import ddp, fsdp2, sharded_state_bytes
-
-    class Data(TensorDataset):
-        def __getitem__(self, i):
-            row = self.tensors[0][i]
-            return {"input_ids": row[:-1], "targets": row[1:]}
-
-    class Probe(Callback):
-        def __init__(self) -> None:
-            self.times, self.losses, self.bytes = [], [], None
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")))
-            self.times.append(time.perf_counter())
-            if self.bytes is None:
-                self.bytes = sharded_state_bytes(pl_module, trainer.optimizers[0])
+    from lightning_llm.parallel import ddp, fsdp2
 
     L.seed_everything(0)
     g = torch.Generator().manual_seed(0)
@@ -66,8 +50,8 @@ def worker(args: argparse.Namespace) -> None:
     )
     model = CausalLM(config=cfg, learning_rate=1e-3, warmup_steps=2)
     per_rank_batch = args.batch_size * (2 if tp else 1)
-    loader = DataLoader(Data(tokens), batch_size=per_rank_batch, shuffle=False)
-    probe = Probe()
+    loader = DataLoader(token_rows_dataset(tokens), batch_size=per_rank_batch, shuffle=False)
+    probe = step_probe()
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy[args.worker](), precision="32-true", max_steps=args.steps,
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

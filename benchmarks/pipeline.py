@@ -42,27 +42,12 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble")
 def worker(args: argparse.Namespace) -> None:
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import Callback
-    from torch.utils.data import DataLoader, TensorDataset
+    from _common import step_probe, token_rows_dataset
+    from torch.utils.data import DataLoader
 
     from lightning_llm.config import TransformerConfig
     from lightning_llm.modules.causal_lm import CausalLM
-    from lightning_llm.parallel import PipelineStrategy, ddp, fsdp2, sharded_state_bytes
-
-    class Data(TensorDataset):
-        def __getitem__(self, i):
-            row = self.tensors[0][i]
-            return {"input_ids": row[:-1], "targets": row[1:]}
-
-    class Probe(Callback):
-        def __init__(self) -> None:
-            self.times, self.losses, self.bytes = [], [], None
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")))
-            self.times.append(time.perf_counter())
-            if self.bytes is None:
-                self.bytes = sharded_state_bytes(pl_module, trainer.optimizers[0])["total_bytes"]
+    from lightning_llm.parallel import PipelineStrategy, ddp, fsdp2
 
     L.seed_everything(0)
     g = torch.Generator().manual_seed(0)
@@ -89,8 +74,8 @@ def worker(args: argparse.Namespace) -> None:
         vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=4, n_embd=args.n_embd
     )
     model = CausalLM(config=cfg, learning_rate=1e-3, warmup_steps=2)
-    loader = DataLoader(Data(tokens), batch_size=batch, shuffle=False)
-    probe = Probe()
+    loader = DataLoader(token_rows_dataset(tokens), batch_size=batch, shuffle=False)
+    probe = step_probe()
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy, precision="32-true", max_steps=args.steps,
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -101,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     if args.cuda:
         rss = torch.cuda.max_memory_allocated()
-    values = torch.tensor([step, float(probe.bytes), float(rss)], dtype=torch.float64)
+    values = torch.tensor([step, float(probe.bytes["total_bytes"]), float(rss)], dtype=torch.float64)
     if trainer.world_size > 1:
         values = trainer.strategy.reduce(values.to(trainer.strategy.root_device), reduce_op="max").cpu()
     if trainer.is_global_zero:
