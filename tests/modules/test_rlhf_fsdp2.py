@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +41,9 @@ pytestmark = pytest.mark.distributed
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 WORKER = HERE / "_rlhf_fsdp2_worker.py"
+sys.path.insert(0, str(HERE.parent))
+from _launch import run_all  # noqa: E402
+
 TIMEOUT = 420
 SINGLE = ["reward", "dpo"]  # compared with one process
 ONLINE = ["ppo", "grpo", "rloo"]  # compared with 2-process DDP
@@ -57,16 +57,6 @@ MODELS = {
     "rloo": ["policy", "ref", "reward_model.backbone", "reward_model.head"],
 }
 ALT_MODELS = {**MODELS, "ppo": ["policy", "ref", "value_head"], "grpo": ["policy"], "rloo": ["policy", "ref"]}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _reward_checkpoint(path: Path) -> Path:
@@ -91,24 +81,12 @@ def _launch(out: Path, variant: str) -> dict[str, dict]:
     two = [f"{m}:fsdp2" for m in SINGLE] + [f"{m}:{layout}" for m in ONLINE for layout in ("ddp", "fsdp2")]
     launches = {"one": [f"{m}:single" for m in SINGLE], "two": two}
 
-    def start(name: str, port: int) -> tuple[subprocess.Popen, object]:
-        cmd = [sys.executable, str(WORKER), "--runs", ",".join(launches[name]), "--variant", variant]
-        cmd += ["--reward-ckpt", str(ckpt), "--out", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": str(port)}
-        log = open(out / f"{name}.log", "w")  # noqa: SIM115
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log
-
-    procs = {name: start(name, port) for name, port in zip(launches, _free_ports(len(launches)))}
-    for name, (proc, log) in procs.items():
-        proc.wait(timeout=TIMEOUT)
-        log.close()
-        text = (out / f"{name}.log").read_text()
-        if proc.returncode != 0 and "EADDRINUSE" in text:  # another test's process took the port first: run again
-            proc, log = start(name, _free_ports(1)[0])
-            proc.wait(timeout=TIMEOUT)
-            log.close()
-            text = (out / f"{name}.log").read_text()
-        assert proc.returncode == 0, text[-4000:]
+    commands = {
+        name: [sys.executable, str(WORKER), "--runs", ",".join(runs), "--variant", variant, "--reward-ckpt", str(ckpt),
+               "--out", str(out)]
+        for name, runs in launches.items()
+    }  # fmt: skip
+    run_all(commands, out, ROOT, {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, TIMEOUT)
     return {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}
 
 

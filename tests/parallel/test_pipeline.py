@@ -20,9 +20,6 @@ processes each) are marked slow.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +28,9 @@ import torch
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from _launch import run_all  # noqa: E402
+
 TIMEOUT = 480
 DEFAULT_RUNS = {
     "single": ["--pp", "0", "--no-resume"],
@@ -60,21 +60,6 @@ CLI_TINY = [
 ]  # fmt: skip
 
 
-def _env(port: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": str(port)}
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all sockets held open together, so no two runs draw the same one)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _launch(out: Path, runs: dict[str, list[str]], cli: dict[str, str] | None = None) -> dict[str, dict]:
     commands = {}
     for name, extra in runs.items():
@@ -85,23 +70,9 @@ def _launch(out: Path, runs: dict[str, list[str]], cli: dict[str, str] | None = 
         cmd += ["--config", f"configs/trainer/{preset}.yaml", *CLI_TINY]
         cmd += ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
         commands[name] = cmd
-
-    def start(name: str, port: int) -> tuple[subprocess.Popen, object]:
-        log = open(out / f"{name}.log", "w")  # noqa: SIM115
-        return subprocess.Popen(commands[name], cwd=ROOT, env=_env(port), stdout=log, stderr=subprocess.STDOUT), log
-
-    procs = {name: start(name, port) for name, port in zip(commands, _free_ports(len(commands)))}
+    run_all(commands, out, ROOT, {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, TIMEOUT)
     results = {}
-    for name, (proc, log) in procs.items():
-        proc.wait(timeout=TIMEOUT)
-        log.close()
-        text = (out / f"{name}.log").read_text()
-        if proc.returncode != 0 and "EADDRINUSE" in text:  # another test's process took the port first: run again
-            proc, log = start(name, _free_ports(1)[0])
-            proc.wait(timeout=TIMEOUT)
-            log.close()
-            text = (out / f"{name}.log").read_text()
-        assert proc.returncode == 0, text[-4000:]
+    for name in commands:
         if name in runs:
             results[name] = json.loads((out / f"{name}.json").read_text())
             results[name]["grads"] = [torch.load(p) for p in sorted(out.glob(f"{name}_grads_rank*.pt"))]
