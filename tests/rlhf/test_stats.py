@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import explained_variance_score
 
@@ -78,6 +78,7 @@ def test_masked_whiten_needs_two_valid_entries():
     mask_bits=st.lists(st.booleans(), min_size=40, max_size=40),
     pad_value=st.floats(allow_nan=True, allow_infinity=True),
 )
+@example(data=[0.0, 0.125, 0.0, 0.0, 0.0, 0.0], mask_bits=[False] * 40, pad_value=0.0)  # CI's failure, var 0.0078
 def test_whitening_gives_mean_zero_var_one_on_valid_tokens(data, mask_bits, pad_value):
     x = torch.tensor(data, dtype=torch.float64).reshape(1, -1)
     mask = torch.tensor(mask_bits[: x.shape[1]]).reshape(1, -1)
@@ -88,7 +89,10 @@ def test_whitening_gives_mean_zero_var_one_on_valid_tokens(data, mask_bits, pad_
     out = masked_whiten(x, mask)
     assert torch.isfinite(out).all()
     assert abs(out[mask].mean().item()) < 1e-9
-    assert out[mask].var().item() == pytest.approx(1.0, rel=1e-6)
+    # masked_whiten divides by sqrt(var + 1e-8), so the whitened variance is var / (var + 1e-8), not exactly 1
+    # (for var = 0.0078 that is 1 - 1.28e-6; hypothesis found it)
+    expected_var = sel.var().item() / (sel.var().item() + 1e-8)
+    assert out[mask].var().item() == pytest.approx(expected_var, rel=1e-9)
 
 
 def test_explained_variance_matches_sklearn():
