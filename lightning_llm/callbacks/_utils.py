@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from lightning_llm.ops import IGNORE_INDEX
@@ -121,6 +122,32 @@ def is_due(step: int, every_n_steps: int | None) -> bool:
     """Whether a periodic callback runs at global step ``step``: every ``every_n_steps`` steps, never at step 0
     (``None``: never)."""
     return bool(every_n_steps) and step > 0 and step % every_n_steps == 0
+
+
+class PeriodicCallback(L.Callback):
+    """A callback whose work (:meth:`on_due_step`) runs at every ``every_n_steps``-th optimizer step, once.
+
+    Design choice: Lightning calls ``on_train_batch_end`` after every micro-batch, so under gradient accumulation one
+    ``global_step`` is seen ``accumulate_grad_batches`` times; the step of the last run is remembered and each step
+    runs at most once. Other hooks (end of training, end of validation) call :meth:`run_once`, which skips a step that
+    already ran. Subclasses set ``every_n_steps`` (``None``: never periodically).
+    """
+
+    every_n_steps: int | None = None
+    _last_run_step: int = -1
+
+    def on_due_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    def run_once(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Run :meth:`on_due_step` now unless it already ran at this global step."""
+        if trainer.global_step != self._last_run_step:
+            self._last_run_step = trainer.global_step
+            self.on_due_step(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if is_due(trainer.global_step, self.every_n_steps):
+            self.run_once(trainer, pl_module)
 
 
 def log_step_metrics(trainer: Any, metrics: dict[str, float]) -> None:
@@ -296,15 +323,29 @@ def model_max_length(pl_module: Any) -> int | None:
     return None
 
 
-class TextDatasetMixin:
-    """For the callbacks that read a dataset named in YAML (see :func:`check_dataset`) as next-token batches of
+class TextDataCallback(PeriodicCallback):
+    """A periodic callback that may read a dataset named in YAML (see :func:`check_dataset`) as next-token batches of
     ``batch_size`` x ``seq_len`` tokens, at most ``max_batches`` of them, tokenized by :func:`resolve_tokenizer`."""
 
-    def _text_options(self, split: str, seq_len: int, batch_size: int, max_batches: int | None, tokenizer: Any) -> None:
-        check_every("seq_len", seq_len)
-        check_every("batch_size", batch_size)
-        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+    def __init__(
+        self,
+        every_n_steps: int | None,
+        split: str,
+        seq_len: int,
+        batch_size: int,
+        max_batches: int | None,
+        tokenizer: Any,
+    ) -> None:
+        for name, value in (("every_n_steps", every_n_steps), ("seq_len", seq_len), ("batch_size", batch_size)):
+            check_every(name, value)
+        self.every_n_steps, self.split, self.seq_len, self.batch_size = every_n_steps, split, seq_len, batch_size
         self.max_batches, self.tokenizer = max_batches, tokenizer
+
+    @staticmethod
+    def iter_eval(pl_module: Any, batches: Iterable[Any], max_batches: int | None = None) -> Iterator[Any]:
+        """``batches`` moved to the module's device, at most ``max_batches``, with the module in eval mode meanwhile."""
+        with eval_mode(pl_module):
+            yield from iter_batches(batches, pl_module.device, max_batches)
 
     def _text_batches(self, dataset: str, trainer: Any, pl_module: Any) -> tuple[list[dict[str, torch.Tensor]], Any]:
         """``(batches, tokenizer)`` of ``dataset`` (its ``split``)."""

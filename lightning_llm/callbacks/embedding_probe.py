@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_llm.callbacks._utils import check_every, is_due, log_text, resolve_tokenizer
+from lightning_llm.callbacks._utils import PeriodicCallback, check_every, log_text, resolve_tokenizer
 
 
 def find_embedding(module: nn.Module) -> torch.Tensor:
@@ -89,7 +89,7 @@ def nearest_neighbours(weight: torch.Tensor, ids: Sequence[int], k: int = 5) -> 
     return [[(int(i), float(s)) for i, s in zip(idx, val)] for idx, val in zip(top.indices, top.values)]
 
 
-class EmbeddingProbe(L.Callback):
+class EmbeddingProbe(PeriodicCallback):
     """Log embedding-space health every ``every_n_steps`` steps.
 
     Args:
@@ -200,10 +200,7 @@ class EmbeddingProbe(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_val_end and not trainer.sanity_checking:
-            if not self.history or self.history[-1][0] != trainer.global_step:
-                self.probe(trainer, pl_module)
+            self.run_once(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if is_due(trainer.global_step, self.every_n_steps):
-            if not self.history or self.history[-1][0] != trainer.global_step:
-                self.probe(trainer, pl_module)
+    def on_due_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.probe(trainer, pl_module)

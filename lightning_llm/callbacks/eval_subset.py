@@ -23,12 +23,10 @@ import torch
 
 from lightning_llm.callbacks._utils import (
     BatchFn,
-    TextDatasetMixin,
+    TextDataCallback,
     check_dataset,
-    check_every,
     default_batch_fn,
     eval_mode,
-    is_due,
     iter_batches,
     log_step_metrics,
 )
@@ -58,7 +56,7 @@ def subset_metrics(
     return {"loss": nll / count, "ppl": math.exp(nll / count), "acc": hits / count, "tokens": float(count)}
 
 
-class EvalSubsetMonitor(TextDatasetMixin, L.Callback):
+class EvalSubsetMonitor(TextDataCallback):
     """Evaluate named subsets every ``every_n_steps`` optimizer steps (and at the end of training).
 
     Args:
@@ -96,16 +94,14 @@ class EvalSubsetMonitor(TextDatasetMixin, L.Callback):
                 f"`subsets` must be a non-empty mapping name -> batches, got {type(subsets).__name__}; "
                 "e.g. {'code': code_loader, 'prose': prose_loader}."
             )
-        check_every("every_n_steps", every_n_steps)
-        self._text_options(split, seq_len, batch_size, max_batches, tokenizer)
+        super().__init__(every_n_steps, split, seq_len, batch_size, max_batches, tokenizer)
         for name, value in subsets.items():
             if isinstance(value, str):
                 check_dataset(f"subsets[{name!r}]", value)
-        self.subsets, self.every_n_steps, self.prefix = dict(subsets), every_n_steps, prefix
+        self.subsets, self.prefix = dict(subsets), prefix
         self.batch_fn = batch_fn or default_batch_fn
         self.ignore_index = ignore_index
         self.history: list[tuple[int, dict[str, dict[str, float]]]] = []
-        self._last_step = -1
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, dict[str, float]]:
         """Evaluate every subset now and log the metrics."""
@@ -121,14 +117,11 @@ class EvalSubsetMonitor(TextDatasetMixin, L.Callback):
         flat = {f"{self.prefix}/{n}/{k}": v for n, m in results.items() for k, v in m.items() if k != "tokens"}
         log_step_metrics(trainer, flat)
         self.history.append((step, results))
-        self._last_step = step
+        self._last_run_step = step
         return results
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        step = trainer.global_step
-        if is_due(step, self.every_n_steps) and step != self._last_step:
-            self.evaluate(trainer, pl_module)
+    def on_due_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module)
+        self.run_once(trainer, pl_module)

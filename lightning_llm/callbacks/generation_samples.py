@@ -20,10 +20,10 @@ import torch
 
 from lightning_llm.callbacks._utils import (
     ForwardFn,
+    PeriodicCallback,
     check_every,
     default_forward_fn,
     eval_mode,
-    is_due,
     log_text,
     model_max_length,
     resolve_tokenizer,
@@ -60,7 +60,7 @@ def sample_tokens(
     return new
 
 
-class GenerationSamples(L.Callback):
+class GenerationSamples(PeriodicCallback):
     """Log completions of ``prompts`` every ``every_n_steps`` training steps (and at the end of training).
 
     Args:
@@ -139,11 +139,8 @@ class GenerationSamples(L.Callback):
         text = "\n\n".join(f"PROMPT: {p}\nCOMPLETION: {c}" for p, c in pairs)
         log_text(trainer, self.key, text, step)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        step = trainer.global_step
-        if is_due(step, self.every_n_steps) and (not self.samples or self.samples[-1][0] != step):
-            self.log_samples(trainer, pl_module)
+    def on_due_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.log_samples(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.samples or self.samples[-1][0] != trainer.global_step:
-            self.log_samples(trainer, pl_module)
+        self.run_once(trainer, pl_module)

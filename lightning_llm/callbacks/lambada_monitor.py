@@ -21,18 +21,18 @@ import torch
 
 from lightning_llm.callbacks._utils import (
     ForwardFn,
+    PeriodicCallback,
     check_dataset,
     check_every,
     default_forward_fn,
     eval_mode,
-    is_due,
     log_step_metrics,
     model_max_length,
     resolve_tokenizer,
 )
 
 
-class LambadaMonitor(L.Callback):
+class LambadaMonitor(PeriodicCallback):
     """Score LAMBADA-style passages every N steps.
 
     Args:
@@ -122,10 +122,9 @@ class LambadaMonitor(L.Callback):
         self.history.append((trainer.global_step, result))
         return result
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if is_due(trainer.global_step, self.every_n_steps):
-            self.evaluate(trainer, pl_module)
+    def on_due_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_val_end and not trainer.sanity_checking:
-            self.evaluate(trainer, pl_module)
+            self.run_once(trainer, pl_module)

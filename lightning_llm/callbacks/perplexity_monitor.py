@@ -27,19 +27,15 @@ import torch
 
 from lightning_llm.callbacks._utils import (
     BatchFn,
-    TextDatasetMixin,
+    TextDataCallback,
     check_dataset,
-    check_every,
     default_batch_fn,
-    eval_mode,
-    is_due,
-    iter_batches,
     log_step_metrics,
 )
 from lightning_llm.ops import IGNORE_INDEX
 
 
-class PerplexityMonitor(TextDatasetMixin, L.Callback):
+class PerplexityMonitor(TextDataCallback):
     """Log perplexity of validation batches (and of an optional extra dataloader every N steps).
 
     Args:
@@ -78,8 +74,7 @@ class PerplexityMonitor(TextDatasetMixin, L.Callback):
         max_batches: int | None = 4,
         tokenizer: Any = None,
     ) -> None:
-        check_every("every_n_steps", every_n_steps)
-        self._text_options(split, seq_len, batch_size, max_batches, tokenizer)
+        super().__init__(every_n_steps, split, seq_len, batch_size, max_batches, tokenizer)
         check_dataset("dataset", dataset)
         if dataset is not None and dataloader is not None:
             raise ValueError("Give `dataset` (by name) or `dataloader` (an object), not both.")
@@ -90,7 +85,7 @@ class PerplexityMonitor(TextDatasetMixin, L.Callback):
         from lightning_llm.metrics.perplexity import Perplexity
 
         self.name, self.on_validation, self.bytes_fn = name, on_validation, bytes_fn
-        self.dataset, self.dataloader, self.every_n_steps = dataset, dataloader, every_n_steps
+        self.dataset, self.dataloader = dataset, dataloader
         self.batch_fn = batch_fn or default_batch_fn
         self.metric = Perplexity(ignore_index=ignore_index)
         self._data_bytes_fn: Callable[[Any], int] | None = None
@@ -127,7 +122,7 @@ class PerplexityMonitor(TextDatasetMixin, L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.dataset is not None and self.every_n_steps is None and not trainer.sanity_checking:
-            self._evaluate_data(trainer, pl_module)
+            self.run_once(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.on_validation or trainer.sanity_checking or int(self.metric.count) == 0:
@@ -143,22 +138,16 @@ class PerplexityMonitor(TextDatasetMixin, L.Callback):
         self.dataloader, tok = self._text_batches(self.dataset, trainer, pl_module)
         self._data_bytes_fn = lambda batch: len(tok.decode(batch["targets"].flatten().tolist()).encode("utf-8"))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if self.every_n_steps is None or not is_due(trainer.global_step, self.every_n_steps):
-            return
-        self._evaluate_data(trainer, pl_module)
-
-    def _evaluate_data(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_due_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Evaluate ``dataloader`` / ``dataset`` now and log ``<name>_data`` (and its bits per byte)."""
         if self.dataloader is None:
             self._build(trainer, pl_module)
         own_bytes_fn = self.bytes_fn
         self.bytes_fn = self._data_bytes_fn or own_bytes_fn  # the named dataset knows its text
         try:
-            with eval_mode(pl_module):
-                self._reset(pl_module.device)
-                for batch in iter_batches(self.dataloader, pl_module.device):
-                    self._update(pl_module, batch)
+            self._reset(pl_module.device)
+            for batch in self.iter_eval(pl_module, self.dataloader):
+                self._update(pl_module, batch)
             values = self._values(trainer)
         finally:
             self.bytes_fn = own_bytes_fn

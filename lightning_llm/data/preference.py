@@ -53,7 +53,6 @@ Notation: B batch of pairs, L padded sequence length.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -486,28 +485,60 @@ class _TokenizedSplits(L.LightningDataModule):
     rows read once (:meth:`_read_rows`), a tokenizer resolved on first use (:func:`resolve_tokenizer`), train / val
     datasets built once, and their loaders.
 
-    Subclasses take (and so save as hyperparameters) ``dataset``, ``dataset_config``, ``train_split``, ``val_split``,
-    ``val_fraction``, ``tokenizer``, ``tokenizer_vocab_size``, ``chat_template``, ``num_train``, ``num_val``,
-    ``batch_size``, ``num_workers`` and ``seed`` (``val_dataset`` optionally), and define ``is_synthetic``,
-    :meth:`_tokenizer_texts`, :meth:`_build_dataset` and ``_collate_items`` (or override :attr:`collate_fn`).
+    The arguments all of them take are this class's (see :meth:`__init__`); a subclass declares only its own (and
+    those whose default differs: ``dataset``, ``val_split``, ``num_train``, ``num_val``, ``batch_size``), forwards the
+    rest with ``**kwargs``, checks its positive integers with :meth:`_check_positive`, and defines ``is_synthetic``,
+    :meth:`_tokenizer_texts`, :meth:`_build_dataset` and ``_collate_items`` (or overrides :attr:`collate_fn`).
     """
 
     #: ``collate(items, pad_id)`` of the subclass's batches, a module-level function so :attr:`collate_fn` pickles
     _collate_items: Callable[..., Any]
 
-    def __init__(self, val_fraction: float | None = None, **positive: int | None) -> None:
-        """Check what the subclasses share (``positive``: positive ints, ``None`` = off; ``val_fraction`` in [0, 1),
-        ``None`` = not checked), then save the CALLING subclass ``__init__``'s arguments as hyperparameters (its frame
-        is passed to ``save_hyperparameters``, so each subclass need not call it)."""
+    def __init__(
+        self,
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        val_dataset: str | None = None,
+        val_fraction: float = 0.1,
+        tokenizer: str | None = None,
+        tokenizer_vocab_size: int = 4096,
+        chat_template: str | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """The arguments every subclass shares (a subclass forwards them with ``**kwargs``; the CLI still lists them).
+
+        Args:
+            dataset_config: the Hugging Face dataset configuration name, if any.
+            train_split: the training split of a Hugging Face dataset.
+            val_dataset: a separate local file (or dataset name) for validation, instead of a split.
+            val_fraction: the fraction of the training examples held out for validation when ``val_split`` is
+                ``None`` or the source is a single file (deterministic in ``seed``).
+            tokenizer: ``None`` (the embedded task: a character tokenizer; other data: a byte-level BPE trained on
+                the training texts), ``"char"``, a saved tokenizer directory, or a Hugging Face tokenizer path / name.
+            tokenizer_vocab_size: BPE vocabulary size when a BPE is trained.
+            chat_template: Jinja template for conversational data; ``None``: the Hugging Face tokenizer's own
+                template, else :class:`ChatTemplate`'s default.
+            num_workers: DataLoader worker processes.
+            seed: the seed of the validation split and of the shuffling.
+
+        The calling subclass's ``__init__`` arguments are saved as hyperparameters too (Lightning's
+        ``save_hyperparameters`` collects the arguments of every ``__init__`` frame up the class chain).
+        """
         super().__init__()
-        owner = type(self).__name__
-        _check_positive_ints(owner, {k: v for k, v in positive.items() if v is not None})
-        if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"{owner}: `val_fraction` must be in [0, 1), got {val_fraction}.")
-        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+            raise ValueError(f"{type(self).__name__}: `val_fraction` must be in [0, 1), got {val_fraction!r}.")
+        _check_positive_ints(type(self).__name__, {"tokenizer_vocab_size": tokenizer_vocab_size})
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"{type(self).__name__}: `num_workers` must be an integer >= 0, got {num_workers!r}.")
+        self.save_hyperparameters()
         self._tokenizer: Tokenizer | None = None
         self._template: ChatTemplate | None = None
         self._datasets: dict[str, Dataset] = {}
+
+    def _check_positive(self, **values: int | None) -> None:
+        """Each value must be a positive ``int``; ``None`` means off and is not checked."""
+        _check_positive_ints(type(self).__name__, {k: v for k, v in values.items() if v is not None})
 
     @property
     def is_synthetic(self) -> bool:
@@ -610,16 +641,8 @@ class PreferenceDataModule(_TokenizedSplits):
     Args:
         dataset: ``"synthetic"`` (embedded letters task), a local ``.jsonl`` / ``.json`` / ``.parquet`` path, or a
             Hugging Face dataset name (``datasets.load_dataset``).
-        dataset_config: the Hugging Face dataset configuration name, if any.
-        train_split, val_split: split names for Hugging Face datasets. When ``val_split`` is ``None`` (or the source
-            is a single file), ``val_fraction`` of the training examples is held out (deterministic in ``seed``).
-        val_dataset: a separate local file (or dataset name) for validation, instead of splitting.
-        val_fraction: the held-out fraction when splitting.
-        tokenizer: ``None`` (character tokenizer for ``"synthetic"``, else a byte-level BPE trained on the training
-            texts), ``"char"``, a saved tokenizer directory, or a Hugging Face tokenizer path / name.
-        tokenizer_vocab_size: BPE vocabulary size when a BPE is trained.
-        chat_template: Jinja template for conversational data; ``None``: the Hugging Face tokenizer's own template,
-            else :class:`ChatTemplate`'s default.
+        val_split: the validation split of a Hugging Face dataset. When ``None`` (or the source is a single file),
+            ``val_fraction`` of the training examples is held out (deterministic in ``seed``).
         max_length: token limit of prompt + completion (TRL's default 1024; ``None``: no limit), applied as
             ``truncation_mode`` says.
         max_prompt_length: optional limit of the prompt, which keeps its last tokens (TRL 0.x; ``None``: off, as
@@ -628,7 +651,10 @@ class PreferenceDataModule(_TokenizedSplits):
             to ``max_length``) or ``"filter"`` (``RewardTrainer``: drop pairs longer than ``max_length``).
         num_train, num_val: synthetic task sizes. synthetic_length, synthetic_min_gap: synthetic completion length and
             smallest score gap between chosen and rejected.
-        batch_size, num_workers, seed: loader settings.
+        batch_size: pairs per batch (per process).
+        **kwargs: the shared arguments of ``_TokenizedSplits`` (``dataset_config``, ``train_split``, ``val_dataset``,
+            ``val_fraction``, ``tokenizer`` -- ``None``: characters for ``"synthetic"``, else a BPE trained on the
+            texts --, ``tokenizer_vocab_size``, ``chat_template``, ``num_workers``, ``seed``).
     """
 
     _collate_items = staticmethod(collate_preference)
@@ -636,14 +662,7 @@ class PreferenceDataModule(_TokenizedSplits):
     def __init__(
         self,
         dataset: str = "synthetic",
-        dataset_config: str | None = None,
-        train_split: str = "train",
         val_split: str | None = "test",
-        val_dataset: str | None = None,
-        val_fraction: float = 0.1,
-        tokenizer: str | None = None,
-        tokenizer_vocab_size: int = 4096,
-        chat_template: str | None = None,
         max_length: int | None = 1024,
         max_prompt_length: int | None = None,
         truncation_mode: str = "keep_start",
@@ -652,11 +671,11 @@ class PreferenceDataModule(_TokenizedSplits):
         synthetic_length: int = 8,
         synthetic_min_gap: int = 2,
         batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(**kwargs)
         limits = {"max_length": max_length, "max_prompt_length": max_prompt_length}
-        super().__init__(val_fraction, **limits, batch_size=batch_size, num_train=num_train, num_val=num_val)
+        self._check_positive(**limits, batch_size=batch_size, num_train=num_train, num_val=num_val)
         if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
             raise ValueError(
                 f"PreferenceDataModule: `max_prompt_length` ({max_prompt_length}) must be < `max_length` "

@@ -69,40 +69,31 @@ class PromptDataModule(_TokenizedSplits):
         prompts: an explicit list of prompts (strings or message lists); overrides ``dataset``. Validation then uses
             ``val_fraction`` of them.
         dataset: ``"synthetic"``, a local ``.jsonl`` / ``.json`` path, or a Hugging Face dataset name.
-        dataset_config, train_split, val_split: Hugging Face dataset settings (``val_split=None`` splits off
-            ``val_fraction``).
+        val_split: the validation split of a Hugging Face dataset (``None``: ``val_fraction`` is split off).
         prompt_field: the column holding prompts.
-        tokenizer: ``None`` (character tokenizer for ``"synthetic"``, else a BPE trained on the prompts), ``"char"``,
-            a saved tokenizer directory or a Hugging Face tokenizer path / name. It must be the tokenizer of the policy
-            (and of the reward model, when one is used).
-        tokenizer_vocab_size: BPE vocabulary size when a BPE is trained.
-        chat_template: Jinja template for conversational prompts (default: the Hugging Face tokenizer's own template,
-            else :class:`~lightning_llm.data.preference.ChatTemplate`'s default).
         num_train, num_val: synthetic task sizes.
         batch_size: prompts per rollout (per process).
+        **kwargs: the shared arguments of :class:`~lightning_llm.data.preference._TokenizedSplits`
+            (``dataset_config``, ``train_split``, ``val_dataset``, ``val_fraction``, ``tokenizer``, ``tokenizer_vocab_size``,
+            ``chat_template``, ``num_workers``, ``seed``). The tokenizer must be the policy's (and the reward model's,
+            when one is used).
     """
 
     def __init__(
         self,
         prompts: list[Any] | None = None,
         dataset: str = "synthetic",
-        dataset_config: str | None = None,
-        train_split: str = "train",
         val_split: str | None = None,
-        val_fraction: float = 0.1,
         prompt_field: str = "prompt",
-        tokenizer: str | None = None,
-        tokenizer_vocab_size: int = 4096,
-        chat_template: str | None = None,
         num_train: int = 1024,
         num_val: int = 128,
         batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if prompts is not None and (isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts):
             raise TypeError(f"PromptDataModule: `prompts` must be a non-empty list of prompts, got {prompts!r}.")
-        super().__init__(batch_size=batch_size, num_train=num_train, num_val=num_val)
+        super().__init__(**kwargs)
+        self._check_positive(batch_size=batch_size, num_train=num_train, num_val=num_val)
         self._texts: dict[str, list[str]] | None = None
         self._rendered: dict[str, list[bool]] = {}
 

@@ -273,15 +273,8 @@ class SFTDataModule(_TokenizedSplits):
     Args:
         dataset: ``"instructions"`` (embedded task), a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a Hugging
             Face dataset name.
-        dataset_config, train_split, val_split: Hugging Face dataset settings; with ``val_split=None`` (or a file),
-            ``val_fraction`` of the training examples is held out (deterministic in ``seed``).
-        val_dataset: a separate file or dataset name for validation.
-        val_fraction: the held-out fraction when splitting.
-        tokenizer: ``None`` (the embedded task: a character tokenizer; other data: a byte-level BPE trained on it),
-            ``"char"``, a saved tokenizer directory or a Hugging Face tokenizer path / name.
-        tokenizer_vocab_size: BPE vocabulary size when a BPE is trained.
-        chat_template: Jinja template for conversational data (``None``: the Hugging Face tokenizer's own, else
-            :data:`~lightning_llm.data.preference.DEFAULT_CHAT_TEMPLATE`).
+        val_split: the validation split of a Hugging Face dataset; with ``None`` (or a file), ``val_fraction`` of the
+            training examples is held out (deterministic in ``seed``).
         text_field: the column of plain language-modeling text (TRL's ``dataset_text_field``).
         completion_only_loss: score only completion tokens of prompt-completion data (TRL's default).
         assistant_only_loss: score only assistant-message tokens of conversational data.
@@ -289,7 +282,11 @@ class SFTDataModule(_TokenizedSplits):
         truncation_mode: ``"keep_start"`` or ``"keep_end"``.
         packing: pack several examples per row (positions restart, no attention across examples).
         num_train, num_val: sizes of the embedded task.
-        batch_size, num_workers, seed: loader settings.
+        batch_size: rows per batch (per process).
+        **kwargs: the shared arguments of :class:`~lightning_llm.data.preference._TokenizedSplits`
+            (``dataset_config``, ``train_split``, ``val_dataset``, ``val_fraction``, ``tokenizer``, ``tokenizer_vocab_size``,
+            ``chat_template`` -- ``None``: the Hugging Face tokenizer's own, else the default template --,
+            ``num_workers``, ``seed``).
     """
 
     _collate_items = staticmethod(collate_sft)
@@ -297,14 +294,7 @@ class SFTDataModule(_TokenizedSplits):
     def __init__(
         self,
         dataset: str = "instructions",
-        dataset_config: str | None = None,
-        train_split: str = "train",
         val_split: str | None = "test",
-        val_dataset: str | None = None,
-        val_fraction: float = 0.1,
-        tokenizer: str | None = None,
-        tokenizer_vocab_size: int = 4096,
-        chat_template: str | None = None,
         text_field: str = "text",
         completion_only_loss: bool = True,
         assistant_only_loss: bool = False,
@@ -314,11 +304,10 @@ class SFTDataModule(_TokenizedSplits):
         num_train: int = 2048,
         num_val: int = 256,
         batch_size: int = 16,
-        num_workers: int = 0,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        ints = {"batch_size": batch_size, "num_train": num_train, "num_val": num_val}
-        super().__init__(val_fraction, **ints, max_length=max_length or None)
+        super().__init__(**kwargs)
+        self._check_positive(max_length=max_length or None, batch_size=batch_size, num_train=num_train, num_val=num_val)
         if truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(
                 f"SFTDataModule: `truncation_mode` must be 'keep_start' or 'keep_end', got {truncation_mode!r}."

@@ -129,3 +129,31 @@ def test_all_callbacks_in_demo_transformer(wikitext, tmp_path, make_trainer):
     assert not cbs["guard"].events
     # the demo's log-probs are valid logits: the monitor's perplexity is exp(mean NLL) of the val batches
     assert math.isfinite(cbs["ppl"].last["ppl"]) and cbs["ppl"].last["ppl"] > 1
+
+
+def test_periodic_callbacks_run_once_per_step_under_gradient_accumulation(wikitext, make_trainer):
+    """With ``accumulate_grad_batches=2`` Lightning calls ``on_train_batch_end`` twice per optimizer step; each
+    periodic callback must still run once per due step. 8 micro-batches -> optimizer steps 1..4; every 2 steps -> the
+    runs are at steps 2 and 4 (EvalSubsetMonitor and GenerationSamples also run at the end of training, step 4: the
+    same step, so not again). PerplexityMonitor and LambadaMonitor used to run twice per due step."""
+    tok = WordTokenizer(wikitext.dictionary)
+    loader = DataLoader(wikitext, batch_size=4)
+    subset = [next(iter(DataLoader(wikitext, batch_size=2)))]
+    ppl = PerplexityMonitor(dataloader=subset, every_n_steps=2, on_validation=False)
+    ppl_steps: list[int] = []
+    ppl_run = ppl.on_due_step
+    ppl.on_due_step = lambda trainer, module: (ppl_steps.append(trainer.global_step), ppl_run(trainer, module))
+    cbs = {
+        "subset": EvalSubsetMonitor({"cats": subset}, every_n_steps=2),
+        "emb": EmbeddingProbe(every_n_steps=2, tokens=["cat", "dog"], tokenizer=tok, k=2, n_pairs=100),
+        "gen": GenerationSamples(["the red cat"], tok, every_n_steps=2, max_new_tokens=2, forward_fn=demo_forward),
+        "lambada": LambadaMonitor(["the red cat sat on the green mat"], tok, every_n_steps=2, forward_fn=demo_forward),
+    }
+    trainer = make_trainer([ppl, *cbs.values()], steps=4, accumulate_grad_batches=2, limit_train_batches=8)
+    trainer.fit(DemoLM(len(wikitext.dictionary)), train_dataloaders=loader)
+    assert trainer.global_step == 4
+    assert ppl_steps == [2, 4]
+    assert [step for step, _ in cbs["subset"].history] == [2, 4]
+    assert [step for step, _ in cbs["emb"].history] == [2, 4]
+    assert [step for step, _ in cbs["gen"].samples] == [2, 4]
+    assert [step for step, _ in cbs["lambada"].history] == [2, 4]
