@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import sync  # noqa: E402
+from _common import sync, write_json  # noqa: E402
 
 from lightning_llm.config import TransformerConfig  # noqa: E402
 from lightning_llm.hf import to_hf  # noqa: E402
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="ours-rope,hf-llama,ours-alibi", help="comma-separated subset")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the table (row objects), the machine and the commit here")
     return p.parse_args(argv)
 
 
@@ -115,6 +116,22 @@ def make_step(model: torch.nn.Module, kind: str, ids: torch.Tensor, precision: s
         return loss.detach()
 
     return step
+
+
+def matmul_peak_flops(device: torch.device, n: int = 1024, seconds: float = 1.0) -> float:
+    """The best FLOP/s of ``(n, n) @ (n, n)`` fp32 matrix multiplies on ``device`` over about ``seconds`` (2 n^3 FLOP
+    each): the roof a training step on this machine can reach (its matmuls are the same kernels, smaller)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b, out=out)
+        sync(device)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tokens = args.batch_size * args.seq_len
     tps = {name: tokens / statistics.median(ts) for name, ts in times.items()}
+    # CPU: the limit is this machine's own fp32 matrix-multiply rate, measured now (same threads, same load)
+    peak = args.peak_flops if device.type == "cuda" else matmul_peak_flops(device)
     torch_threads = torch.get_num_threads() if device.type == "cpu" else None
     print()
     print(
@@ -184,25 +203,33 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"| {'model':<11} | {'step ms (median)':>16} | {'tokens/s':>10} | {'vs hf-llama':>11} | {'vs ours-rope':>12} |"
     )
-    if device.type == "cuda":
-        header += f" {'MFU':>6} |"
-    else:  # CPU seconds of this process per step: robust to other processes sharing the cores when --threads 1
+    header += f" {'GFLOP/s':>8} | {'MFU':>6} |"
+    if device.type != "cuda":  # CPU seconds of this process per step: robust to other processes sharing the cores
         header += f" {'CPU ms/step':>11} | {'CPU vs hf':>9} | {'CPU vs rope':>11} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    rows = []
     for name in names:
         step_ms = statistics.median(times[name]) * 1e3
         vs_hf = f"{tps[name] / tps['hf-llama']:.2f}x" if "hf-llama" in tps else "-"
         vs_rope = f"{tps[name] / tps['ours-rope']:.2f}x" if "ours-rope" in tps else "-"
+        achieved = tps[name] * flops[name]
+        record = {"model": name, "step_ms": step_ms, "tokens_per_s": tps[name], "vs_hf_llama": vs_hf,
+                  "vs_ours_rope": vs_rope, "gflops": achieved / 1e9, "mfu": achieved / peak}  # fmt: skip
         row = f"| {name:<11} | {step_ms:>16.1f} | {tps[name]:>10.0f} | {vs_hf:>11} | {vs_rope:>12} |"
-        if device.type == "cuda":
-            row += f" {tps[name] * flops[name] / args.peak_flops:>6.1%} |"
-        else:
+        row += f" {achieved / 1e9:>8.1f} | {achieved / peak:>6.1%} |"
+        if device.type != "cuda":
             cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
             cpu_hf = f"{cpu['hf-llama'] / cpu[name]:.2f}x" if "hf-llama" in cpu else "-"
             cpu_rope = f"{cpu['ours-rope'] / cpu[name]:.2f}x" if "ours-rope" in cpu else "-"
             row += f" {cpu[name] * 1e3:>11.1f} | {cpu_hf:>9} | {cpu_rope:>11} |"
+            record.update(cpu_ms_per_step=cpu[name] * 1e3, cpu_vs_hf_llama=cpu_hf, cpu_vs_ours_rope=cpu_rope)
         print(row)
+        rows.append(record)
+    limit = "peak FLOP/s given by --peak-flops" if device.type == "cuda" else "fp32 matmul rate measured in this run"
+    print(f"MFU = model FLOP/s (fwd + bwd, {flops[names[0]] / 1e6:.1f} MFLOP/token for {names[0]}) / {peak / 1e9:.1f}"
+          f" GFLOP/s ({limit})")  # fmt: skip
+    write_json(args.json, rows, device, peak_flops=peak, peak_kind=limit, args=vars(args))
 
 
 if __name__ == "__main__":
