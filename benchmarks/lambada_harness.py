@@ -40,7 +40,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _common import sync  # noqa: E402
+from _common import sync, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -241,10 +241,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data", default=str(LAMBADA), help="OpenAI's lambada_test.jsonl (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write the table (row objects), machine and commit here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lambada_benchmark(
+    rows = lambada_benchmark(
         args.n,
         args.batch_size,
         args.vocab,
@@ -255,6 +256,8 @@ def main() -> None:
         args.device,
         data=args.data,
     )
+    if rows is not None:
+        write_json(args.json, rows, args.device, args=vars(args))
 
 
 if __name__ == "__main__":

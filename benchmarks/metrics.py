@@ -37,7 +37,7 @@ import sys
 import time
 
 import torch
-from _common import sync
+from _common import sync, write_json
 
 SHAPES = [(8, 512, 32000), (4, 1024, 50304)]
 IMPLS = ("torchmetrics", "lightning_llm")
@@ -147,6 +147,9 @@ def main() -> None:
     parser.add_argument("--lambada-data", default=None, help="LAMBADA: lambada_test.jsonl (default: lambada_harness's)")
     parser.add_argument("--lambada-batch-size", type=int, default=16)
     parser.add_argument("--lambada-repeats", type=int, default=2, help="LAMBADA: timed runs per side (min reported)")
+    parser.add_argument(
+        "--json", default=None, help="write the perplexity table (row objects), machine and commit here"
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.threads:
@@ -157,7 +160,7 @@ def main() -> None:
         return
 
     if not args.only_lambada:
-        perplexity_table(args, dtype, shapes)
+        write_json(args.json, perplexity_table(args, dtype, shapes), args.device, args=vars(args))
     if not args.skip_lambada:
         lambada_table(args)
 
@@ -176,8 +179,8 @@ def lambada_table(args: argparse.Namespace) -> None:
     )
 
 
-def perplexity_table(args: argparse.Namespace, dtype: torch.dtype, shapes: list[tuple[int, ...]]) -> None:
-    """Perplexity.update vs torchmetrics: time, peak memory, ratios."""
+def perplexity_table(args: argparse.Namespace, dtype: torch.dtype, shapes: list[tuple[int, ...]]) -> list[dict]:
+    """Perplexity.update vs torchmetrics: time, peak memory, ratios (printed, and returned as row objects)."""
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     print(f"Perplexity.update, {args.dtype} logits, device {name}, torch {torch.__version__}")
     header = (
@@ -186,6 +189,7 @@ def perplexity_table(args: argparse.Namespace, dtype: torch.dtype, shapes: list[
     )
     print(header)
     print("-" * len(header))
+    table = []
     for shape in shapes:
         rows = time_updates(shape, args.device, dtype, args.repeats)
         for impl in IMPLS:
@@ -200,10 +204,13 @@ def perplexity_table(args: argparse.Namespace, dtype: torch.dtype, shapes: list[
                 f"{str(shape):>18} | {impl:>13} | {r['min_s'] * 1e3:8.1f} | {r['median_s'] * 1e3:9.1f} | {r['cpu_s'] * 1e3:8.1f} | "
                 f"{r['peak'] / 2**20:8.1f} | {r['ppl']:10.3f} | {speed:7.2f}x | {cpu_speed:11.2f}x | {mem:9.3f}"
             )
+            table.append({"shape": list(shape), "impl": impl, **r, "speed_up": speed, "cpu_speed_up": cpu_speed,
+                          "mem_ratio": mem})  # fmt: skip
     print(
         "speed-up = torchmetrics min wall time / this min wall time; CPU ms = min process CPU time (all threads);"
         " mem ratio = this peak / torchmetrics peak (extra memory of one update)."
     )
+    return table
 
 
 if __name__ == "__main__":
