@@ -121,6 +121,8 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
+    from _common import write_json
+
     from lightning_llm.parallel import bubble_fraction
     from lightning_llm.parallel.pipeline import available_schedules
 
@@ -185,9 +187,8 @@ def main() -> None:
             f"{'' if rel is None else f'{rel:.2f}':>8}"
             f"{r['peak_memory_max_rank'] / 2**20:>9.0f}{r['last_loss']:>11.5f}"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-        print(f"\nwritten to {args.json}")
+    rows = [{"config": name, **r} for name, r in results.items()]
+    write_json(args.json, rows, "cuda" if args.cuda else "cpu", args=vars(args))
 
 
 if __name__ == "__main__":
