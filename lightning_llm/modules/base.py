@@ -89,7 +89,9 @@ class LLMModule(L.LightningModule):
             module's own default (:attr:`defaults`).
         optimizer, scheduler: LightningCLI callables (``class_path`` of any torch optimizer / scheduler) that replace
             the default AdamW / warmup-cosine.
-        compile: ``torch.compile`` the transformers (single device; the FSDP2 presets compile per block instead).
+        compile: ``torch.compile`` the transformers: ``True``, or a dict of ``torch.compile`` keyword arguments
+            (``{mode: max-autotune}``, ``{backend: aot_eager}``, ...). Single device and DDP; the FSDP2 presets
+            compile per block instead (their ``compile`` option).
         parallel: keyword arguments of :func:`lightning_llm.parallel.parallelize` that override the strategy's.
         lora: LoRA adapters on the backbone (:class:`~lightning_llm.nn.lora.LoraSettings` fields: ``r``, ``alpha``,
             ``dropout``, ``target_modules``, ``use_rslora``), e.g. ``{r: 8, alpha: 16, target_modules: [q_proj,
@@ -115,12 +117,17 @@ class LLMModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
         parallel: dict[str, Any] | None = None,
         lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(
+                f"`compile` must be true/false or a dict of torch.compile keyword arguments, got {compile!r}. "
+                "Fix: e.g. compile: true, or compile: {mode: max-autotune}."
+            )
         if lora is not None:
             from lightning_llm.nn.lora import LoraSettings
 
@@ -258,8 +265,9 @@ class LLMModule(L.LightningModule):
             self._check_sharded()
             self._parallelized = True
         elif hp.compile:
+            kwargs = dict(hp.compile) if isinstance(hp.compile, dict) else {}
             for model in self._models():
-                model.compile()
+                model.compile(**kwargs)
             self._parallelized = True
 
     def _check_sharded(self) -> None:
