@@ -20,8 +20,14 @@ Tasks are local YAML files over a local .jsonl (no network), written to a tempor
 
 Timed, per task kind: the model calls alone (``lm.loglikelihood(instances)`` etc. on the harness's own request
 instances, built once: tokenizing, batching, scoring) and the whole ``lm_eval.simple_evaluate`` (adds building the
-dataset, the requests and the metrics, the same for both sides); model loading is not timed. Runs alternate (HFLM, ours, HFLM, ours...) and the minimum over ``--repeats`` is reported, with the results
-of both, which must agree (accuracies equal, log-likelihood metrics to 1e-4 relative).
+dataset, the requests and the metrics, the same for both sides); model loading is not timed. Runs alternate (HFLM,
+ours, HFLM, ours...) and the minimum over ``--repeats`` is reported, with the results of both, which must agree
+(accuracies equal, log-likelihood metrics to 1e-4 relative, every per-request output too).
+
+The model calls are timed twice: wall-clock, and the CPU time of this process (``time.process_time``, all threads).
+On a shared machine the wall time of a multi-threaded run also measures the other users (a thread that waits for a
+busy core stalls every parallel region); with ``--threads 1`` the CPU time does not, so its ratio is the steadier
+one there. The 1-minute load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -120,12 +126,13 @@ def build_requests(task: str, folder: Path) -> list:
     return obj.instances
 
 
-def run_requests(lm, kind: str, instances: list, device: str) -> tuple[float, list]:
+def run_requests(lm, kind: str, instances: list, device: str) -> tuple[float, float, list]:
+    """``(wall seconds, CPU seconds of this process, outputs)`` of one model call on the instances."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = getattr(lm, kind)(instances, disable_tqdm=True)
     sync(device)
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def same_outputs(a: list, b: list) -> bool:
@@ -184,7 +191,7 @@ def main() -> None:
         model_dir = build_model(tmp / "model", heldout, args.vocab, args.layers, args.width, 0)
         folder = write_tasks(tmp, passages, args.n_gen, args.gen_tokens)
         print(f"model + tokenizer built in {time.perf_counter() - t0:.1f}s; device {args.device}, "
-              f"threads {torch.get_num_threads()}")  # fmt: skip
+              f"threads {torch.get_num_threads()}; load average before: {os.getloadavg()[0]:.2f}")  # fmt: skip
         hflm = HFLM(pretrained=str(model_dir), batch_size=args.batch_size, device=args.device)
         ours = HarnessLM(str(model_dir), batch_size=args.batch_size, device=args.device)
         rows = []
@@ -200,23 +207,29 @@ def main() -> None:
             same = agree(results["HFLM"], results["HarnessLM"])
             instances = build_requests(task, folder)
             lm_best = {"HFLM": math.inf, "HarnessLM": math.inf}
+            cpu_best = {"HFLM": math.inf, "HarnessLM": math.inf}
             outs = {}
             for _ in range(args.repeats):
                 for name, lm in (("HFLM", hflm), ("HarnessLM", ours)):
-                    seconds, outs[name] = run_requests(lm, kind, instances, args.device)
+                    seconds, cpu, outs[name] = run_requests(lm, kind, instances, args.device)
                     lm_best[name] = min(lm_best[name], seconds)
+                    cpu_best[name] = min(cpu_best[name], cpu)
             rows.append({"kind": kind, "task": task, "requests": len(instances), "seconds": best,
                          "speedup": best["HFLM"] / best["HarnessLM"], "lm_seconds": lm_best,
-                         "lm_speedup": lm_best["HFLM"] / lm_best["HarnessLM"], "results": results,
+                         "lm_speedup": lm_best["HFLM"] / lm_best["HarnessLM"], "lm_cpu_seconds": cpu_best,
+                         "lm_cpu_speedup": cpu_best["HFLM"] / cpu_best["HarnessLM"], "results": results,
                          "agree": same and same_outputs(outs["HFLM"], outs["HarnessLM"])})  # fmt: skip
-        print(f"\n{args.n} passages, {args.layers} x {args.width} GPT-2, vocab {args.vocab}, batch {args.batch_size}\n")
-        print("| request type | requests | model calls: HFLM s | HarnessLM s | speed-up | simple_evaluate: HFLM s | "
-              "HarnessLM s | speed-up | results agree | HFLM | HarnessLM |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print(f"\n{args.n} passages, {args.layers} x {args.width} GPT-2, vocab {args.vocab}, batch {args.batch_size}; "
+              f"load average after: {os.getloadavg()[0]:.2f}\n")  # fmt: skip
+        print("| request type | requests | model calls: HFLM s | HarnessLM s | speed-up | CPU: HFLM s | HarnessLM s | "
+              "speed-up | simple_evaluate: HFLM s | HarnessLM s | speed-up | results agree | HFLM | HarnessLM |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             fmt = lambda m: ", ".join(f"{k} {v:.6g}" for k, v in m.items())  # noqa: E731
             print(f"| {r['kind']} | {r['requests']} | {r['lm_seconds']['HFLM']:.2f} | {r['lm_seconds']['HarnessLM']:.2f} "
-                  f"| {r['lm_speedup']:.2f}x | {r['seconds']['HFLM']:.2f} | {r['seconds']['HarnessLM']:.2f} | "
+                  f"| {r['lm_speedup']:.2f}x | {r['lm_cpu_seconds']['HFLM']:.2f} | "
+                  f"{r['lm_cpu_seconds']['HarnessLM']:.2f} | {r['lm_cpu_speedup']:.2f}x | "
+                  f"{r['seconds']['HFLM']:.2f} | {r['seconds']['HarnessLM']:.2f} | "
                   f"{r['speedup']:.2f}x | {r['agree']} | {fmt(r['results']['HFLM'])} | "
                   f"{fmt(r['results']['HarnessLM'])} |")  # fmt: skip
         if args.json:

@@ -642,6 +642,7 @@ def _part_harness(lm: LanguageModel, tok: Any, cfg: HarnessPart, seed: int) -> d
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
+    res = _from_rank_zero(res)  # lm-eval returns the results only where LOCAL_RANK is 0 (None elsewhere)
     return {
         "results": _jsonable(res["results"]),
         "versions": _jsonable(res.get("versions", {})),
@@ -649,6 +650,24 @@ def _part_harness(lm: LanguageModel, tok: Any, cfg: HarnessPart, seed: int) -> d
         "n_samples": {k: int(v.get("effective", v.get("original", 0))) for k, v in res.get("n-samples", {}).items()},
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
     }
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """``value`` of rank 0 on every rank when a multi-process ``torch.distributed`` group is initialised (under
+    ``torchrun``, HarnessLM shards the harness's requests across the ranks; every rank then writes the same report)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 # ---------------------------------------------------------------------------------------------------- runner
@@ -779,6 +798,8 @@ def evaluate(
     }
     _check_positive("evaluate", batch_size=batch_size)
     log = print if verbose else (lambda _msg: None)
+    if device is None and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # under torchrun: one GPU per rank
     lm, tokenizer = resolve_model(model, tokenizer, device, dtype)
     if tokenizer is None:
         raise ValueError(
@@ -849,6 +870,8 @@ def evaluate(
         "summary": _summary(parts),
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
     }
+    if not _is_rank_zero():  # every rank computed the same report (harness requests sharded); rank 0 writes it
+        return report
     if out is not None:
         from lightning_llm.evaluation.report import write_report
 

@@ -4,11 +4,17 @@ Four tasks, each a local YAML over a local .jsonl (no network): a LAMBADA-style 
 multiple-choice task, a rolling-perplexity task (loglikelihood_rolling) and a generate_until task. The reference is
 ``lm_eval.models.huggingface.HFLM`` on the very directory HarnessLM reads (converted by ``load_pretrained`` into our
 Transformer): accuracies must be identical and every per-sample log-likelihood within 1e-4.
+
+How HarnessLM computes (the end of the file): its batching (``_partition``) against a brute force over every split,
+the rank assignment against a hand-derived one, shared forward rows for inputs that are prefixes of one another against
+HFLM's token-level scores, and generation that stops early at a stop string against HFLM's generations. The
+data-parallel runs (2 gloo processes) are in ``test_harness_distributed.py``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -419,3 +425,118 @@ def test_unknown_harness_task_is_a_clear_error(tiny_dir, task_dir):
                                           include_defaults=False))  # fmt: skip
     assert report["parts"]["harness"]["status"] == "error"
     assert "not harness tasks" in report["parts"]["harness"]["error"]
+
+
+# ---------------------------------------------------------------------------------------------------- how it is computed
+def test_partition_is_the_cheapest_split():
+    """``_partition`` against every split of the rows into consecutive batches (brute force over the cut points)."""
+    import itertools
+
+    from lightning_llm.evaluation.harness import _partition
+
+    def cost(spans, widths, overhead):
+        return sum((end - start) * widths[start] + overhead for start, end in spans)
+
+    rng = random.Random(0)
+    for _ in range(30):
+        n, max_rows, overhead = rng.randint(1, 9), rng.randint(1, 4), rng.choice([0, 3, 16, 100])
+        widths = sorted((rng.randint(1, 60) for _ in range(n)), reverse=True)
+        spans = _partition(widths, max_rows, overhead)
+        assert [s for s, _ in spans] == [0] + [e for _, e in spans[:-1]] and spans[-1][1] == n  # contiguous, all rows
+        assert all(0 < e - s <= max_rows for s, e in spans)
+        best = math.inf
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+            split = list(zip(bounds[:-1], bounds[1:]))
+            if all(e - s <= max_rows for s, e in split):
+                best = min(best, cost(split, widths, overhead))
+        assert cost(spans, widths, overhead) == best
+    assert _partition([9, 5, 5, 1, 1], 2, math.inf) == [(0, 2), (2, 4), (4, 5)]  # plain cut every max_rows rows
+    assert _partition([], 4, 16) == []
+
+
+def test_assign_balances_the_costliest_first():
+    from lightning_llm.evaluation.harness import _assign
+
+    # by hand: 5 -> rank 0 (loads 5, 0); 4 -> 1 (5, 4); 3 -> 1 (5, 7); 3 -> 0 (8, 7); 3 -> 1 (8, 10)
+    assert _assign([5, 4, 3, 3, 3], 2) == [0, 1, 1, 0, 1]
+    assert _assign([1.0] * 7, 3) == [0, 1, 2, 0, 1, 2, 0]
+    assert _assign([], 2) == []
+
+
+def test_prefix_sharing_scores_like_hflm(tiny_dir):
+    """Requests whose model inputs are prefixes of one another share one forward row and still give HFLM's numbers.
+
+    Inputs (context + continuation minus its last token): ``ctx`` for the one-token continuations ``[a]`` and
+    ``[x]``, ``ctx + [a]`` for ``[a, b]`` (twice), ``ctx + [a, b]`` for ``[a, b, c]``: all prefixes of the last, so
+    one row; another context is a second row. The reference is HFLM's own token-level ``_loglikelihood_tokens``.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    from lightning_llm.evaluation import HarnessLM
+
+    ours = HarnessLM(str(tiny_dir), batch_size=4, device="cpu")
+    ctx = ours.tok_encode("the quick brown fox jumps")
+    other = ours.tok_encode("a stitch in time")
+    a, b, c = ours.tok_encode(" over the lazy")
+    x = ours.tok_encode(" sea")[0]
+    conts = [[a], [x], [a, b], [a, b], [a, b, c]]
+    requests = [(("ctx", str(k)), ctx, cont) for k, cont in enumerate(conts)] + [(("other", "s"), other, [x])]
+    got = ours._loglikelihood_tokens(requests)
+    assert ours.work["rows"] == 2 and ours.work["batches"] == 1
+    ref = HFLM(pretrained=str(tiny_dir), batch_size=1, device="cpu")._loglikelihood_tokens(requests)
+    for (lp, greedy), (ref_lp, ref_greedy) in zip(got, ref, strict=True):
+        assert abs(lp - ref_lp) < 1e-4 and greedy == ref_greedy, (lp, ref_lp)
+    assert got[2] == got[3]  # the duplicate: scored once
+    assert any(g for _, g in ref) and not all(g for _, g in ref)  # the greedy flags are compared both ways
+
+
+def test_generation_stops_when_every_row_has_met_a_stop_sequence(tiny_dir):
+    """Stop strings end a batch early (fewer decoding steps than max_gen_toks) with HFLM's exact generations."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from lightning_llm.evaluation import HarnessLM
+
+    kwargs = {"until": ["the"], "max_gen_toks": 24, "do_sample": False}
+    prompts = ["the quick brown fox jumps over", "she sells sea shells by", "all that glitters is", "every good boy"]
+    requests = [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)]
+    ours = HarnessLM(str(tiny_dir), batch_size=4, device="cpu")
+    got = ours.generate_until(requests)
+    ref = HFLM(pretrained=str(tiny_dir), batch_size=4, device="cpu").generate_until(
+        [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)]
+    )
+    assert got == ref
+    assert any(text.strip() for text in got)
+    assert ours.work["batches"] == 1 and ours.work["decode_steps"] < 24 - 1  # stopped before max_gen_toks
+
+
+def test_distributed_argument_errors(tiny_dir):
+    from lightning_llm.evaluation import HarnessLM
+
+    with pytest.raises(ValueError, match="distributed"):
+        HarnessLM(str(tiny_dir), device="cpu", distributed="yes")
+    with pytest.raises(ValueError, match="torchrun"):  # no process group and not launched by torchrun
+        HarnessLM(str(tiny_dir), device="cpu", distributed=True)
+    lm = HarnessLM(str(tiny_dir), device="cpu", distributed=False)
+    assert (lm.rank, lm.world_size) == (0, 1)
+
+
+def test_sampling_is_seeded_per_batch(tiny_dir):
+    """``do_sample: true``: the same seed gives the same samples (each batch has its own generator, so a batch's
+    draws do not depend on which batches ran before it, or on which rank), another seed other samples."""
+    from lm_eval.api.instance import Instance
+
+    from lightning_llm.evaluation import HarnessLM
+
+    kwargs = {"until": ["\n"], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0}
+    prompts = ["the quick brown", "she sells", "a stitch in", "the rain in spain"]
+
+    def sample(seed: int, batch_size: int) -> list[str]:
+        lm = HarnessLM(str(tiny_dir), batch_size=batch_size, device="cpu", seed=seed)
+        return lm.generate_until([Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)])
+
+    first = sample(1, 2)
+    assert sample(1, 2) == first
+    assert sample(2, 2) != first
+    assert len(set(first)) > 1
