@@ -24,9 +24,12 @@ positions ``P-1 .. P+N-2`` score the response tokens ``s[P:]``, and the value at
 the state before response token t. All statistics are averaged over valid response tokens only.
 
 Under DDP, Lightning prepares the gradient all-reduce before every ``manual_backward``, so the many backward passes
-of one PPO iteration stay synchronised; each rank samples its own prompts. (A separate value model leaves its
-backbone's ``lm_head`` unused: DDP then needs ``strategy="ddp_find_unused_parameters_true"``.) Under FSDP2 the policy,
-value model, reference and reward model are all sharded (:class:`~lightning_llm.modules.online.OnlineRLModule`).
+of one PPO iteration stay synchronised; each rank samples its own prompts. Every trainable parameter gets a gradient
+in every backward (the policy and value losses are one sum, and a separate value model's unused ``lm_head`` is frozen:
+:func:`~lightning_llm.modules.reward_model.freeze_lm_head`), so the DDP presets' ``find_unused_parameters=False``
+works. Under FSDP2 the policy, value model, reference and reward model are all sharded
+(:class:`~lightning_llm.modules.online.OnlineRLModule`); under tensor parallelism (``cpu_fsdp2_tp``) every transformer
+is split by heads and the two ranks of a tensor-parallel group sample the same tokens (one data-parallel rank).
 
 Notation: B prompts per rollout, P padded prompt length, N new tokens, V vocabulary, C width.
 """
@@ -41,6 +44,7 @@ from torchmetrics import MeanMetric
 from lightning_llm.config import TransformerConfig
 from lightning_llm.modules.base import frozen_copy
 from lightning_llm.modules.online import OnlineRLModule, positive_int
+from lightning_llm.modules.reward_model import freeze_lm_head
 from lightning_llm.nn.generation import GenerationOutput
 from lightning_llm.nn.heads import ScalarHead
 from lightning_llm.rlhf import (
@@ -129,6 +133,8 @@ class PPO(OnlineRLModule):
             self.value_head = ScalarHead(self.config.n_embd)
         else:
             self.value_head = ScalarHead(self.config.n_embd)
+        if self.value_backbone is not None:  # values come from the head: its LM head would get no gradient (DDP)
+            freeze_lm_head(self.value_backbone)
 
     def transformers(self) -> list[torch.nn.Module]:
         models = [self.policy, self.ref, self.value_backbone]

@@ -25,7 +25,25 @@ from lightning_llm.nn.heads import ScalarHead
 from lightning_llm.nn.transformer import Transformer
 from lightning_llm.rlhf import bradley_terry_loss, last_valid_index
 
-__all__ = ["RewardModel"]
+__all__ = ["RewardModel", "freeze_lm_head"]
+
+
+def freeze_lm_head(backbone: Transformer) -> Transformer:
+    """Freeze the output projection (``lm_head``) of a backbone that scores through a scalar head; in place.
+
+    A reward or value model reads ``backbone(..., return_hidden=True)`` and never projects to the vocabulary, so an
+    untied ``lm_head`` gets no gradient in any backward. Left trainable, it stops DDP with
+    ``find_unused_parameters=False`` (the ``cpu_ddp`` / ``gpu_ddp`` presets, :func:`~lightning_llm.parallel.ddp`,
+    Lightning's ``"ddp"``) at the second backward ("parameters that were not used in producing the loss"); the
+    alternative, ``find_unused_parameters=True``, would make DDP walk the autograd graph at every backward to find this
+    one tensor. Frozen, it is outside DDP's gradient buckets and the optimiser, and nothing else changes: it never had a
+    gradient (so no optimiser state, no weight decay), and it stays in the state dict, so the backbone still loads as a
+    complete causal LM (:func:`~lightning_llm.load_pretrained`) and older checkpoints load unchanged. Tied embeddings
+    (no ``lm_head``: the input embedding, which is used) need nothing.
+    """
+    if backbone.lm_head is not None:
+        backbone.lm_head.requires_grad_(False)
+    return backbone
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -57,7 +75,7 @@ class RewardModel(LLMModule):
         self.configure_model()  # eager: the head and the backbone exist from construction
 
     def build(self) -> None:
-        self.backbone = self.build_backbone()
+        self.backbone = freeze_lm_head(self.build_backbone())  # scores come from the head: see freeze_lm_head
         self.head = ScalarHead(self.config.n_embd)
 
     def transformers(self) -> list[torch.nn.Module]:
