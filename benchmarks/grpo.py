@@ -1,6 +1,7 @@
 """GRPO iteration: our :class:`lightning_llm.modules.GRPO` vs TRL's ``GRPOTrainer``, side by side, on CPU.
 
     python benchmarks/grpo.py [--prompts 8] [--generations 8] [--new-tokens 16] [--steps 6] [--json PATH]
+                              [--no-compile-generation]
 
 Both sides load the SAME tiny random Hugging Face ``LlamaForCausalLM`` directory (saved here with this project's
 character tokenizer, which ``transformers.AutoTokenizer`` reads), get the same prompts (the embedded letters task),
@@ -17,7 +18,19 @@ Measured:
   wall time includes waiting for other processes, the CPU time does not;
 * **generation tokens/s**: generated tokens (up to and including EOS, counted from the completion masks) per second
   of each side's own generation path: :func:`lightning_llm.nn.generate` (KV cache) vs TRL's ``_generate`` (Hugging
-  Face ``generate`` with its cache), median of ``--steps`` calls on the same B x G prompts.
+  Face ``generate`` with its cache), median of ``--steps`` calls on the same B x G prompts;
+* **where an iteration's time goes** (wall seconds, median over the timed iterations), the same phases on both sides:
+  generation (ours ``sample`` + decoding the completions to text; TRL ``_generate``, which also tokenizes the
+  prompts), rewards (``score`` / ``_calculate_rewards``), old/reference log-probabilities (the policy/reference
+  forwards of the rollout; none here: ``beta = 0`` and one update per generation batch), loss forward (the policy
+  forward, log-probabilities and the loss; ``completion_logprobs`` + ``loss`` / ``compute_loss``), backward
+  (``manual_backward`` / ``accelerator.backward``), optimizer (gradient clipping + ``optimizer.step``), and the rest
+  (each framework's loop, advantages, logging).
+
+Our generation decodes with the compiled step by default (``GRPO(compile_generation=True)``: ``torch.compile`` of
+the fixed-shape decode step, :func:`lightning_llm.nn.generate` with ``compile=True``); the compilation happens in the
+warm-up iteration, which is not timed, and its duration is printed (the warm-up iteration's time). TRL runs Hugging
+Face ``generate`` as it does by default (no compilation). ``--no-compile-generation`` measures our eager decoding.
 
 Prints a table with ratios (TRL / ours for time, ours / TRL for throughput); ``--json PATH`` writes the rows.
 """
@@ -65,20 +78,71 @@ def make_model_dir(root: Path, hidden: int, layers: int, heads: int) -> Path:
     return path
 
 
-class _Timer:
-    """Wall time and CPU time (of this process, all threads) of each training step or call."""
+PHASES = ("generation", "rewards", "old/ref logprobs", "loss forward", "backward", "optimizer")
 
-    def __init__(self) -> None:
+
+class _Timer:
+    """Wall time and CPU time (of this process, all threads) of each training step or call, and the wall time of each
+    phase (:data:`PHASES`) inside each step, from the methods :meth:`wrap` times."""
+
+    def __init__(self, phases: tuple[str, ...] = PHASES) -> None:
+        self.phase_names = phases
         self.times: list[float] = []
         self.cpu: list[float] = []
+        self.phases: list[dict[str, float]] = []
         self._t0 = self._c0 = 0.0
+        self._current: dict[str, float] = {}
+        self._active: str | None = None  # a phase being timed: nested timed calls are not counted twice
 
     def start(self) -> None:
+        self._current = dict.fromkeys(self.phase_names, 0.0)
         self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def stop(self) -> None:
         self.times.append(time.perf_counter() - self._t0)
         self.cpu.append(time.process_time() - self._c0)
+        self.phases.append(self._current)
+
+    def wrap(self, obj, name: str, phase, rename: str | None = None) -> None:
+        """Replace ``obj.<name>`` (a bound method) with a version whose wall time is added to ``phase`` (a name, or a
+        callable returning one, or None to skip this call); stored as ``obj.<rename or name>``."""
+        fn = getattr(obj, name)
+        timer = self
+
+        def timed(*args, **kwargs):
+            which = phase() if callable(phase) else phase
+            if which is None or timer._active is not None:
+                return fn(*args, **kwargs)
+            timer._active = which
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timer._current[which] = timer._current.get(which, 0.0) + time.perf_counter() - t0
+                timer._active = None
+
+        setattr(obj, rename or name, timed)
+
+    def time_optimizer(self, optimizer) -> None:
+        """Add each ``optimizer.step`` (hooks on the torch optimizer) to the ``optimizer`` phase."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's / Lightning's wrapper
+        t0 = [0.0]
+
+        def pre(*a) -> None:
+            t0[0] = time.perf_counter()
+
+        def post(*a) -> None:
+            self._current["optimizer"] += time.perf_counter() - t0[0]
+
+        optimizer.register_step_pre_hook(pre)
+        optimizer.register_step_post_hook(post)
+
+    def breakdown(self) -> dict[str, float]:
+        """Median wall seconds of each phase and of the rest over the timed steps (the first one is the warm-up)."""
+        rows = self.phases[1:]
+        out = {p: statistics.median(r[p] for r in rows) for p in self.phase_names}
+        out["rest"] = statistics.median(t - sum(r.values()) for t, r in zip(self.times[1:], rows))
+        return out
 
     def result(self, tokens: list[float] | None = None) -> dict[str, float]:
         skip = 1 if tokens is None else 0  # the first training step is the warm-up
@@ -91,7 +155,7 @@ class _Timer:
         return out
 
 
-def bench_ours(path: Path, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
+def bench_ours(path: Path, prompts: list[str], args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
     import lightning as L
 
     from lightning_llm.data.prompts import PromptDataModule
@@ -102,6 +166,9 @@ def bench_ours(path: Path, prompts: list[str], args: argparse.Namespace) -> dict
     timer = _Timer()
 
     class Timing(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            timer.time_optimizer(trainer.optimizers[0])
+
         def on_train_batch_start(self, *a) -> None:
             timer.start()
 
@@ -118,7 +185,26 @@ def bench_ours(path: Path, prompts: list[str], args: argparse.Namespace) -> dict
         max_new_tokens=args.new_tokens,
         learning_rate=1e-6,
         log_completions_every_n_steps=0,
+        compile_generation=args.compile_generation,
     )
+    in_rollout = [False]  # log-probabilities computed while building the experience are "old/ref"
+
+    def experience(*a, **k):
+        in_rollout[0] = True
+        try:
+            return experience_fn(*a, **k)
+        finally:
+            in_rollout[0] = False
+
+    experience_fn = model.experience
+    model.experience = experience
+    timer.wrap(model, "sample", "generation")
+    timer.wrap(model, "_decode", "generation")
+    timer.wrap(model, "score", "rewards")
+    timer.wrap(model, "completion_logprobs", lambda: "old/ref logprobs" if in_rollout[0] else "loss forward")
+    timer.wrap(model, "loss", "loss forward")
+    timer.wrap(model, "manual_backward", "backward")
+    timer.wrap(model, "clip_gradients", "optimizer")
     trainer = L.Trainer(
         max_steps=args.steps + 1,
         logger=False,
@@ -136,10 +222,18 @@ def bench_ours(path: Path, prompts: list[str], args: argparse.Namespace) -> dict
     gen, tokens = _Timer(), []
     for _ in range(args.steps):
         gen.start()
-        out = generate(model.policy, ids, max_new_tokens=args.new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        out = generate(
+            model.policy,
+            ids,
+            max_new_tokens=args.new_tokens,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            compile=args.compile_generation,
+        )
         gen.stop()
         tokens.append(float(out.response_mask.sum()))
-    return _rows(step, gen.result(tokens))
+    phases = {**timer.breakdown(), "warm-up iteration": timer.times[0]}
+    return _rows(step, gen.result(tokens)), phases
 
 
 def _rows(step: dict[str, float], gen: dict[str, float]) -> dict[str, float]:
@@ -151,7 +245,9 @@ def _rows(step: dict[str, float], gen: dict[str, float]) -> dict[str, float]:
     }
 
 
-def bench_trl(path: Path, prompts: list[str], args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
+def bench_trl(
+    path: Path, prompts: list[str], args: argparse.Namespace, out_dir: Path
+) -> tuple[dict[str, float], dict[str, float]]:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -161,6 +257,9 @@ def bench_trl(path: Path, prompts: list[str], args: argparse.Namespace, out_dir:
     timer = _Timer()
 
     class Timing(TrainerCallback):
+        def on_train_begin(self, *a, optimizer=None, **k) -> None:
+            timer.time_optimizer(optimizer)
+
         def on_step_begin(self, *a, **k) -> None:
             timer.start()
 
@@ -196,6 +295,23 @@ def bench_trl(path: Path, prompts: list[str], args: argparse.Namespace, out_dir:
         processing_class=tokenizer,
         callbacks=[Timing()],
     )
+    in_rollout = [False]
+
+    def generate_and_score(*a, **k):
+        in_rollout[0] = True
+        try:
+            return generate_and_score_fn(*a, **k)
+        finally:
+            in_rollout[0] = False
+
+    generate_and_score_fn = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = generate_and_score
+    timer.wrap(trainer, "_generate", "generation")
+    timer.wrap(trainer, "_calculate_rewards", "rewards")
+    timer.wrap(trainer, "_get_per_token_logps_and_entropies", lambda: "old/ref logprobs" if in_rollout[0] else None)
+    timer.wrap(trainer, "compute_loss", "loss forward")
+    timer.wrap(trainer.accelerator, "backward", "backward")
+    timer.wrap(trainer, "_clip_grad_norm", "optimizer")
     trainer.train()
     step = timer.result()
     batch = [p for p in prompts[: args.prompts] for _ in range(args.generations)]
@@ -206,7 +322,7 @@ def bench_trl(path: Path, prompts: list[str], args: argparse.Namespace, out_dir:
         completion_ids = trainer._generate(batch)[1]
         gen.stop()
         tokens.append(float(sum(len(c) for c in completion_ids)))
-    return _rows(step, gen.result(tokens))
+    return _rows(step, gen.result(tokens)), {**timer.breakdown(), "warm-up iteration": timer.times[0]}
 
 
 def main() -> None:
@@ -220,6 +336,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed iterations (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=str, default=None, help="write the rows to this file")
+    parser.add_argument(
+        "--compile-generation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="our rollouts decode with the compiled step (default; compiled in the warm-up iteration)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,8 +351,8 @@ def main() -> None:
     prompts = synthetic_prompts(max(args.prompts, 64), seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model_dir(Path(tmp), args.hidden, args.layers, args.heads)
-        ours = bench_ours(path, prompts, args)
-        trl = bench_trl(path, prompts, args, Path(tmp) / "trl")
+        ours, ours_phases = bench_ours(path, prompts, args)
+        trl, trl_phases = bench_trl(path, prompts, args, Path(tmp) / "trl")
     rows = []
     for metric in ours:
         lower_is_better = metric.endswith("per_iteration")
@@ -238,14 +360,21 @@ def main() -> None:
         rows.append({"metric": metric, "ours": ours[metric], "trl": trl[metric], "speedup": ratio})
     setting = (
         f"B={args.prompts} prompts x G={args.generations}, {args.new_tokens} new tokens, Llama {args.layers}x"
-        f"{args.hidden}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+        f"{args.hidden}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, our decode "
+        f"step {'compiled' if args.compile_generation else 'eager'}"
     )
     print(f"\nGRPO iteration on CPU ({setting})")
     print(f"{'metric':<30}{'ours':>12}{'TRL':>12}{'ours vs TRL':>14}")
     for r in rows:
         print(f"{r['metric']:<30}{r['ours']:>12.4g}{r['trl']:>12.4g}{r['speedup']:>13.2f}x")
+    print("\nWhere an iteration's wall time goes (seconds, median over the timed iterations)")
+    print(f"{'phase':<30}{'ours':>12}{'TRL':>12}")
+    for phase in ours_phases:
+        print(f"{phase:<30}{ours_phases[phase]:>12.4f}{trl_phases[phase]:>12.4f}")
+    print("(warm-up iteration: not timed above; ours includes compiling the decode step when it is compiled)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"setting": setting, "rows": rows}, indent=2))
+        out = {"setting": setting, "rows": rows, "phases": {"ours": ours_phases, "trl": trl_phases}}
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

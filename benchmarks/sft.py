@@ -6,8 +6,10 @@ directory; both sides load them from there and train on the same conversational 
 same order (sequential sampling, batch B, AdamW with the same settings, constant learning rate, no clipping, loss on
 completion tokens only, no activation recomputation on either side unless ``--gradient-checkpointing``; TRL's own
 default recomputes). Ours runs through ``lightning.Trainer.fit`` and TRL through ``SFTTrainer.train``, so a step
-includes its trainer's overheads; both use torch's fused AdamW (TRL's default ``adamw_torch_fused``, ours since this
-change). The losses of the first steps must agree (same batches, same weights).
+includes its trainer's overheads; both use torch's fused AdamW (TRL's default ``adamw_torch_fused``; ours the default
+of every module, ``LLMModule.make_optimizer``). The losses of the first steps must agree (same batches, same weights).
+Ours trains these right-padded rows without an attention mask (``SFT._training_inputs``: plain causal attention gives
+the real tokens the same values); TRL's model builds and keeps its padding mask.
 
 Timing on a shared machine: ours and TRL run as two processes in lock step: both load at once, then step i of one
 runs while the other waits, then step i of the other (the order alternates), so each pair of steps sees the same

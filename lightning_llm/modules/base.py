@@ -18,7 +18,8 @@ It owns the glue each module would otherwise write again:
   disabled, no second copy); :meth:`merge_lora` folds the adapters in;
 * **gradient_checkpointing**: every block of the backbone recomputed in the backward (any strategy);
 * **optimiser**: LightningCLI-style ``optimizer`` / ``scheduler`` callables, or by default AdamW (weight decay on
-  matrices only) with linear warmup and cosine decay to ``min_lr_ratio`` over the run.
+  matrices only; torch's fused kernel where it exists for the parameters) with linear warmup and cosine decay to
+  ``min_lr_ratio`` over the run.
 
 A subclass sets :attr:`defaults` (its own learning rate, weight decay, warmup), implements :meth:`build` and
 :meth:`transformers`, and passes its other arguments to ``super().__init__(**kwargs)`` (jsonargparse follows the
@@ -43,7 +44,7 @@ from lightning_llm.data.tokenizer import Tokenizer, tokenizer_from_state, tokeni
 from lightning_llm.loading import load_pretrained
 from lightning_llm.nn.transformer import Transformer
 
-__all__ = ["LLMModule", "check_data_fits", "frozen_copy", "warmup_cosine_lambda"]
+__all__ = ["LLMModule", "check_data_fits", "frozen_copy", "fused_adamw_supported", "warmup_cosine_lambda"]
 
 # checkpoints store the config dataclass in `hyper_parameters`; allow it under torch.load(weights_only=True) (resume)
 torch.serialization.add_safe_globals([TransformerConfig])
@@ -308,7 +309,13 @@ class LLMModule(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """The ``optimizer`` callable, or AdamW with weight decay on matrices only."""
+        """The ``optimizer`` callable, or AdamW with weight decay on matrices only.
+
+        The default AdamW is torch's fused one (one kernel per step for all parameters: what TRL's
+        ``adamw_torch_fused`` default runs, the same update up to rounding) wherever this torch has it for every
+        parameter (:func:`fused_adamw_supported`: dense floating-point tensors on a device with the kernel; CPU since
+        torch 2.4); otherwise, or if torch still refuses, its default (``foreach``) implementation.
+        """
         params = [p for p in params if p.requires_grad]
         if self.optimizer_fn is not None:
             return self.optimizer_fn(params)
@@ -318,7 +325,13 @@ class LLMModule(L.LightningModule):
             {"params": decay, "weight_decay": self.setting("weight_decay")},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=self.setting("learning_rate"), betas=tuple(self.hparams.betas))
+        kwargs = {"lr": self.setting("learning_rate"), "betas": tuple(self.hparams.betas)}
+        if fused_adamw_supported(params):
+            try:
+                return torch.optim.AdamW(groups, fused=True, **kwargs)
+            except (RuntimeError, ValueError, TypeError):  # a device / dtype / version this check did not foresee
+                pass
+        return torch.optim.AdamW(groups, **kwargs)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.make_optimizer(self.trainable_parameters())
@@ -363,6 +376,30 @@ class LLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is None:
             self.tokenizer = tokenizer_from_state(checkpoint)
+
+
+def fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
+    """Whether ``torch.optim.AdamW(..., fused=True)`` can take ``params``: every one a plain dense tensor (not a
+    DTensor or another subclass), of a floating-point dtype, on a device this torch has the fused kernel for (CUDA
+    and, since torch 2.4, CPU; torch's own list where it exposes one)."""
+    params = list(params)
+    if not params:
+        return False
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # an older torch: CUDA only
+        devices = {"cuda"}
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        devices.discard("cpu")  # the CPU kernel arrived in torch 2.4
+    return all(
+        type(p) in (torch.Tensor, torch.nn.Parameter)
+        and p.layout == torch.strided
+        and p.dtype.is_floating_point
+        and p.device.type in devices
+        for p in params
+    )
 
 
 def check_data_fits(config: TransformerConfig, tokenizer: Any, block_size: int | None, what: str = "model") -> None:

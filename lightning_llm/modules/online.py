@@ -102,6 +102,10 @@ class OnlineRLModule(LLMModule):
         log_completions_every_n_steps, num_logged_completions: sample completions logged to the logger (when it has
             ``log_text``, e.g. W&B) or to ``<log_dir>/completions.csv``, at the first rollout and every n-th.
         seed: seed of the rollout sampler (offset by the process rank).
+        compile_generation: ``torch.compile`` the decoding step of the rollouts
+            (:func:`~lightning_llm.nn.generate` with ``compile=True``: one graph per batch size and cache capacity,
+            compiled at the first rollout, tens of seconds on a CPU, then reused); ``None`` (default) follows
+            ``compile``. Sharded models (FSDP2, tensor parallel) always decode eagerly.
         **kwargs: the shared arguments of :class:`~lightning_llm.modules.base.LLMModule`: ``config`` or
             ``pretrained`` of the policy (a Hugging Face directory or a checkpoint of ours, e.g. the SFT model),
             ``vocab_size``, ``dtype``, the optimiser (AdamW with a constant learning rate, no weight decay, by
@@ -128,6 +132,7 @@ class OnlineRLModule(LLMModule):
         max_grad_norm: float | None = 1.0,
         log_completions_every_n_steps: int = 50,
         num_logged_completions: int = 4,
+        compile_generation: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(config=config, **kwargs)
@@ -137,6 +142,11 @@ class OnlineRLModule(LLMModule):
         positive_int(owner, "num_minibatches", num_minibatches)
         positive_int(owner, "gradient_accumulation_steps", gradient_accumulation_steps)
         check_sampling(temperature, top_k, top_p)
+        if compile_generation is not None and not isinstance(compile_generation, bool):
+            raise ValueError(
+                f"{owner}: `compile_generation` must be True, False or None (follow `compile`), got "
+                f"{compile_generation!r}."
+            )
         if not temperature > 0:
             raise ValueError(
                 f"{owner}: `temperature` must be > 0 (the policy must sample, and the completions are rescored at the "
@@ -247,9 +257,17 @@ class OnlineRLModule(LLMModule):
                 )
 
     def _decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        """The masked tokens of each row as text (two host copies for the batch, not two per row)."""
+        rows = [[t for t, keep in zip(row, keeps) if keep] for row, keeps in zip(tokens.tolist(), mask.tolist())]
         if self.tokenizer is None:
-            return [" ".join(map(str, row[m].tolist())) for row, m in zip(tokens, mask)]
-        return [self.tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, mask)]
+            return [" ".join(map(str, row)) for row in rows]
+        return [self.tokenizer.decode(row) for row in rows]
+
+    @property
+    def compiles_generation(self) -> bool:
+        """Whether rollouts decode with the compiled step: ``compile_generation``, or ``compile`` when it is None."""
+        choice = self.hparams.get("compile_generation")
+        return bool(self.hparams.get("compile", False) if choice is None else choice)
 
     def sample(self, prompt_ids: list[list[int]], temperature: float | None = None) -> GenerationOutput:
         """Completions of the prompts from the policy (KV cache, the module's generator)."""
@@ -269,6 +287,7 @@ class OnlineRLModule(LLMModule):
             eos_id=None if sharded else eos_id,
             pad_id=pad_id,
             generator=self._validation_generator if self._validating() else self.generator,
+            compile=self.compiles_generation,
         )
         return truncate_at_eos(out, eos_id, pad_id) if sharded and eos_id is not None else out
 

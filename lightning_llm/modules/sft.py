@@ -8,9 +8,10 @@ scored tokens (TRL's token-level mean). LoRA (``lora``), gradient checkpointing 
 
 The training loss projects to the vocabulary only the positions that are scored (in SFT the prompt, the padding and
 every non-assistant token are not: often half the row or more), in chunks of at most 64 MiB of float32 logits on CPU,
-16 MiB when the output layer is frozen (:func:`~lightning_llm.nn.heads.chunked_cross_entropy`), so the output layer,
+8 MiB when the output layer is frozen (:func:`~lightning_llm.nn.heads.chunked_cross_entropy`), so the output layer,
 the largest matrix of a fine-tuned model, costs in proportion to the completion tokens and no ``(B, T, V)`` logits
-exist. The default AdamW is the fused (single-kernel) one wherever torch has it for the parameters.
+exist. The default AdamW is the fused (single-kernel) one wherever torch has it for the parameters
+(:meth:`~lightning_llm.modules.base.LLMModule.make_optimizer`, shared by every module).
 
 Validation logs ``val/loss`` (scored tokens), ``val/token_accuracy`` (greedy next-token accuracy on scored tokens,
 TRL's ``mean_token_accuracy``) and, before training, the same two for the initial model as ``baseline/val_loss`` and
@@ -21,7 +22,6 @@ Notation: B batch, T row length, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -38,8 +38,9 @@ from lightning_llm.ops import IGNORE_INDEX, chunk_rows, is_plain, token_logprobs
 #: activations
 LOSS_CHUNK_BYTES_CPU = 64 * 2**20
 #: the same when the output layer is frozen (LoRA): without a weight gradient the chunk size barely matters for speed
-#: (131 to 2048 rows: 0.31-0.34 s), so chunks stay small; it is memory LoRA is used to save
-LOSS_CHUNK_BYTES_FROZEN_CPU = 16 * 2**20
+#: (131 to 2048 rows: 0.31-0.34 s), so chunks stay small (the CPU default of :func:`lightning_llm.ops.chunk_rows`, the
+#: fastest for the log-softmax alone); it is memory LoRA is used to save
+LOSS_CHUNK_BYTES_FROZEN_CPU = 8 * 2**20
 
 __all__ = ["SFT"]
 
@@ -75,6 +76,21 @@ class SFT(CausalLM):
     def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {k: batch[k] for k in ("attention_mask", "position_ids", "segment_ids") if batch.get(k) is not None}
 
+    @classmethod
+    def _training_inputs(cls, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """:meth:`_model_inputs` without the attention mask when every row is right-padded (its ones, then zeros) and
+        nothing else (packing, explicit positions) needs it: under causal attention a real token never sees the pads
+        after it, and its position (the mask's cumulative sum) is its index, so the scored tokens get the same values.
+        The attention then runs as plain causal (no ``(B, 1, T, T)`` mask built and stored by every layer for the
+        backward, and SDPA's causal kernel); the outputs at pad positions change, but nothing reads them."""
+        inputs = cls._model_inputs(batch)
+        mask = inputs.get("attention_mask")
+        if mask is not None and len(inputs) == 1 and mask.dim() == 2:
+            right_padded = mask.shape[1] < 2 or bool((mask[:, 1:] <= mask[:, :-1]).all())
+            if right_padded:
+                return {}
+        return inputs
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token cross-entropy over the scored targets.
 
@@ -92,7 +108,7 @@ class SFT(CausalLM):
             raise ValueError(
                 f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(targets.shape)}."
             )
-        hidden = model(input_ids, return_hidden=True, **self._model_inputs(batch))  # (B, T, C)
+        hidden = model(input_ids, return_hidden=True, **self._training_inputs(batch))  # (B, T, C)
         flat = targets.flatten()  # (B*T,)
         scored = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
         vocab = model.config.vocab_size
@@ -118,24 +134,6 @@ class SFT(CausalLM):
         logprobs = token_logprobs(logits, targets, ignore_index=IGNORE_INDEX)  # (B, T)
         correct = (logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)  # (B, T)
         return logprobs, correct
-
-    # -------------------------------------------------------------------------------------------------- optimisation
-    def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """The default AdamW (or the ``optimizer`` callable), fused into one kernel per step where torch supports it
-        for every parameter (dense floating-point tensors on CPU or CUDA): what TRL's ``adamw_torch_fused`` default
-        runs, the same update up to rounding."""
-        optimizer = super().make_optimizer(params)
-        if self.optimizer_fn is not None or type(optimizer) is not torch.optim.AdamW:
-            return optimizer
-        tensors = [p for group in optimizer.param_groups for p in group["params"]]
-        if not tensors or not all(
-            is_plain(p) and p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in tensors
-        ):
-            return optimizer
-        keep = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
-        defaults = {k: v for k, v in optimizer.defaults.items() if k in keep}
-        groups = [{"params": g["params"], **{k: v for k, v in g.items() if k in keep}} for g in optimizer.param_groups]
-        return torch.optim.AdamW(groups, **defaults, fused=True)
 
     # -------------------------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -21,18 +21,34 @@ def _chunk_ce(
 
 
 def _fused_ce(hidden, weight, bias, targets, ignore_index: int, chunk_size: int, need: tuple[bool, bool, bool]):
-    """``(summed loss, grad_hidden, grad_weight, grad_bias)``; a gradient is None unless ``need`` asks for it."""
+    """``(summed loss, grad_hidden, grad_weight, grad_bias)``; a gradient is None unless ``need`` asks for it.
+
+    Every chunk's float32 logits are written into one ``(min(chunk_size, N), V)`` buffer allocated once, and the
+    gradients are accumulated in place (``addmm_``, ``mm(out=)``), so the loop allocates no ``(n, V)`` or ``(V, C)``
+    block after the first: a new buffer per chunk would leave the previous one alive while the next is computed (two
+    chunks at once) and, for a trainable output layer, a ``(V, C)`` product per chunk before it is added.
+    """
     need_h, need_w, need_b = need
+    n, vocab = hidden.shape[0], weight.shape[0]
     valid = targets != ignore_index  # (N,)
     safe = torch.where(valid, targets, torch.zeros_like(targets))  # (N,) ignored rows point at class 0
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-    for start in range(0, hidden.shape[0], chunk_size):
+    # float32 weights and hidden states: matmuls straight into / onto the float32 buffers
+    direct = hidden.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    buf = torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=hidden.device)  # (chunk, V), reused
+    for start in range(0, n, chunk_size):
         sl = slice(start, start + chunk_size)
         h, t, v = hidden[sl], safe[sl], valid[sl]
-        logits = F.linear(h, weight, bias).float()  # (n, V)
+        logits = buf[: h.shape[0]]  # (n, V)
+        if not direct:
+            logits.copy_(F.linear(h, weight, bias))  # the product in the weights' dtype, upcast
+        elif bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
         logp = log_softmax_gather(logits, t, out=logits)  # (n,); ``logits`` now holds the log-softmax, in place
         total -= torch.where(v, logp, 0.0).sum()
         if not (need_h or need_w or need_b):
@@ -40,13 +56,19 @@ def _fused_ce(hidden, weight, bias, targets, ignore_index: int, chunk_size: int,
         d = logits.exp_()  # softmax, in place: (n, V)
         d.scatter_add_(1, t[:, None], torch.full_like(logp[:, None], -1.0))  # minus the one-hot target
         d.mul_(v[:, None])  # ignored rows contribute nothing
+        if need_b:
+            grad_b += d.sum(0)
+        if direct:
+            if need_h:
+                torch.mm(d, weight, out=grad_h[sl])  # (n, C)
+            if need_w:
+                grad_w.addmm_(d.t(), h)  # (V, C)
+            continue
         d = d.to(weight.dtype)
         if need_h:
             grad_h[sl] = d @ weight  # (n, C)
         if need_w:
             grad_w += d.t() @ h.to(d.dtype)  # (V, C)
-        if need_b:
-            grad_b += d.float().sum(0)
     return total, grad_h, grad_w, grad_b
 
 
@@ -58,8 +80,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     ``d_logits = softmax(logits) - onehot(target)`` (zero on ignored rows), ``grad_hidden = d_logits @ W``,
     ``grad_W += d_logits.T @ hidden``, ``grad_b += d_logits.sum(0)``. The backward only multiplies the stored gradients
     by the incoming scalar. Compared with autograd over ``F.cross_entropy`` this needs no second logits matmul (no
-    recomputation) and no (N, V) log-softmax, zero-fill and scatter passes; peak extra memory is one (n, V) float32 chunk
-    plus float32 gradients of ``hidden`` and ``weight``.
+    recomputation) and no (N, V) log-softmax, zero-fill and scatter passes; peak extra memory is one (n, V) float32
+    buffer, reused by every chunk, plus the gradients of ``hidden`` and (float32) ``weight``; nothing when neither
+    needs a gradient (a frozen output layer keeps no ``(V, C)`` gradient).
     """
 
     @staticmethod

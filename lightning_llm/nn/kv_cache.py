@@ -2,9 +2,19 @@
 
 Notation: B batch, G key/value heads, S_max cache capacity, T new tokens, D head dim.
 
-Each layer owns ``k`` and ``v`` tensors ``(B, G, S_max, D)``. A forward pass with ``T`` new tokens writes slots
-``[length, length + T)`` in every layer and then advances ``length`` once (:meth:`advance`, called by the Transformer).
-Keys are stored after RoPE, so cached keys are never rotated again.
+Each layer owns ``k`` and ``v`` tensors ``(B, G, S_max, D)``, allocated once. Two ways to fill them:
+
+* **growing** (:meth:`update`, any forward with ``kv_cache=``): a forward pass with ``T`` new tokens writes slots
+  ``[length, length + T)`` in every layer and gets back the filled slots ``(B, G, length + T, D)``; the Transformer
+  then advances ``length`` once (:meth:`advance`). Shapes change at every step: simple, and what the prefill uses.
+* **static** (:meth:`write`, the decode step of :func:`~lightning_llm.nn.generation.generate`): one token per row
+  is written at ``slot``, a ``(1,)`` long *tensor*, and attention reads the whole ``(B, G, S_max, D)`` buffers with
+  a mask hiding the slots not yet written. Every step then has the same shapes and no Python integer in its
+  arithmetic, so ``torch.compile`` builds one graph for all steps (per batch size and capacity) and eager mode does
+  no shape bookkeeping either; ``length`` is not advanced (the caller owns the slot counter).
+
+Keys are stored after RoPE, so cached keys are never rotated again. ``pos`` ``(B, S_max)`` holds each slot's position
+(ALiBi reads it as the key positions).
 """
 
 from __future__ import annotations
@@ -41,6 +51,20 @@ class KVCache:
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static decoding: write ``k, v`` ``(B, G, 1, D)`` at ``slot`` (a ``(1,)`` long tensor in
+        ``[0, max_length)``) and return the whole buffers ``(B, G, S_max, D)``; the caller masks unwritten slots.
+
+        No bounds check here (it would read the tensor back to the host at every layer of every step, and break a
+        compiled graph): :func:`~lightning_llm.nn.generation.generate` sizes the cache before decoding.
+        """
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        buf_k.index_copy_(2, slot, k.to(buf_k.dtype))  # a float32 cache under autocast: store in its dtype
+        buf_v.index_copy_(2, slot, v.to(buf_v.dtype))
+        return buf_k, buf_v
 
     def advance(self, n: int) -> None:
         self.length += n

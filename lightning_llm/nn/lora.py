@@ -8,8 +8,9 @@
 (so no optimiser state either) and keeps its own dtype (no float32 copy).
 
 Each adapted ``nn.Linear`` runs as :class:`LeanLoraLinear` (peft's layer, one method changed): in the common case it
-adds ``s B A x`` into the base output in place, so the ``B A x * s`` and ``W x + ...`` copies of peft's forward (two
-output-sized temporaries per layer, in the forward of every step) do not exist.
+adds ``s B A x`` into the base output in place with one ``addmm_``, so the ``B A x``, ``B A x * s`` and ``W x + ...``
+copies of peft's forward (output-sized temporaries per layer, in the forward of every step) and the ``s * grad`` of its
+backward do not exist.
 
 * :func:`apply_lora` validates the settings (targets that match nothing, a rank larger than a layer) and injects;
 * :func:`adapters_disabled` is a context manager running the base model (the reference model of DPO / PPO, no copy);
@@ -180,9 +181,13 @@ def _lean_linear_class() -> type:
 
         class LeanLoraLinear(Linear):
             """peft's LoRA ``Linear`` whose forward, for one active plain adapter (not merged, not DoRA or another
-            variant, input already in the adapter's dtype, no extra arguments), is ``W x + b`` followed by an in-place
-            ``add_(B A dropout(x), alpha=s)``: the same value (up to rounding: one fused multiply-add) and gradients as
-            peft's ``result + B A x * s``, without its two output-sized temporaries. Any other case is peft's forward.
+            variant, input already in the adapter's dtype, no extra arguments), is the same value (up to rounding)
+            and gradients as peft's ``W x + b + B A dropout(x) * s`` with fewer output-sized temporaries:
+
+            * no dropout, dense tensors of one dtype, no autocast: :class:`_LoraLinearFunction` (one ``addmm_`` adds
+              the update into the base output; the backward sums the input gradient of both paths in one buffer);
+            * otherwise ``add_`` of ``B A dropout(x)`` into the base output, in place (the base output is not saved
+              for backward), or peft's own forward where even that does not apply.
             """
 
             def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -192,19 +197,81 @@ def _lean_linear_class() -> type:
                 name = active[0]
                 if name not in self.lora_A or name in getattr(self, "lora_variant", {}):
                     return super().forward(x)
-                lora_a = self.lora_A[name]
+                lora_a, lora_b = self.lora_A[name], self.lora_B[name]
                 if x.dtype != lora_a.weight.dtype:
                     return super().forward(x)
-                result = self.base_layer(x)
-                update = self.lora_B[name](lora_a(self.lora_dropout[name](x)))
+                scale = self.scaling[name]
+                base = self.base_layer
+                tensors = (x, base.weight, base.bias, lora_a.weight, lora_b.weight)
+                if (
+                    x.dim() >= 1
+                    and isinstance(self.lora_dropout[name], nn.Identity)
+                    and lora_a.bias is None
+                    and lora_b.bias is None
+                    and not (base._forward_hooks or base._forward_pre_hooks)
+                    and all(t is None or (_plain(t) and t.dtype == x.dtype and t.device == x.device) for t in tensors)
+                    and not _autocast_on(x.device.type)
+                ):
+                    rows = x.reshape(-1, x.shape[-1])  # (N, in), a view of a contiguous x
+                    out = _LoraLinearFunction.apply(rows, base.weight, base.bias, lora_a.weight, lora_b.weight, scale)
+                    return out.view(*x.shape[:-1], out.shape[-1])
+                result = base(x)
+                update = lora_b(lora_a(self.lora_dropout[name](x)))
                 if update.dtype != result.dtype:
                     return super().forward(x)
-                return result.add_(update, alpha=self.scaling[name])  # the base output is not saved for backward
+                return result.add_(update, alpha=scale)  # the base output is not saved for backward
 
         LeanLoraLinear.__module__ = __name__
         LeanLoraLinear.__qualname__ = "LeanLoraLinear"  # pickles as lightning_llm.nn.lora.LeanLoraLinear
         _LEAN_LINEAR = LeanLoraLinear
     return _LEAN_LINEAR
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Dense tensors (not DTensor or another subclass): :class:`_LoraLinearFunction` is for those only."""
+    return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no per-device query
+        return torch.is_autocast_enabled() or (device_type == "cpu" and torch.is_autocast_cpu_enabled())
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b + s (x A^T) B^T`` for rows ``x (N, in)``, ``W (out, in)``, ``A (r, in)``, ``B (out, r)``.
+
+    Forward: ``low = x A^T`` (N, r), ``y = x W^T + b``, then ``y.addmm_(low, B^T, alpha=s)`` in place: no ``B A x``
+    or ``B A x * s`` temporary. Saves ``x`` and ``low`` (autograd over the same expression keeps the same two).
+    Backward, with ``g = dL/dy`` and ``g_low = s g B`` (N, r):
+    ``dx = g W + g_low A`` in one ``(N, in)`` buffer (``addmm_``; autograd computes the two terms as separate
+    ``(N, in)`` tensors and then a third for their sum), ``dA = g_low^T x``, ``dB = s g^T low``,
+    ``dW = g^T x`` and ``db = sum_rows g`` (only when the base trains).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):  # noqa: D102
+        low = torch.mm(x, lora_a.t())  # (N, r)
+        out = torch.nn.functional.linear(x, weight, bias)  # (N, out)
+        out.addmm_(low, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, low)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, weight, lora_a, lora_b, low = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        scale = ctx.scale
+        grad = grad.contiguous()
+        grad_low = torch.mm(grad, lora_b).mul_(scale) if (need_x or need_a) else None  # (N, r)
+        grad_x = torch.mm(grad, weight).addmm_(grad_low, lora_a) if need_x else None  # (N, in)
+        grad_w = torch.mm(grad.t(), x) if need_w else None  # (out, in)
+        grad_bias = grad.sum(0) if need_bias else None
+        grad_a = torch.mm(grad_low.t(), x) if need_a else None  # (r, in)
+        grad_b = torch.mm(grad.t(), low).mul_(scale) if need_b else None  # (out, r)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
 def __getattr__(name: str) -> Any:  # ``LeanLoraLinear`` is created on first use (and when unpickled)

@@ -10,7 +10,10 @@ sinusoidal alike).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +60,179 @@ def make_norm(config: TransformerConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
 
 
+# ------------------------------------------------------------------------------------------------ lean activations
+def _outer_hooks() -> tuple[bool, _RecomputeState | None]:
+    """``(usable, outer)``: whether a block may install its own saved-tensor hooks, and the enclosing
+    :func:`recompute_saved` it then delegates to. Not while ``torch.compile`` traces (its partitioner decides what to
+    keep), and not inside anyone else's saved-tensor hooks (activation checkpointing, CPU offload), which must keep
+    seeing every saved tensor. Unknown (a torch without these queries): not usable."""
+    if torch.compiler.is_compiling():
+        return False, None
+    autograd = torch._C._autograd
+    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
+    try:
+        if top is None or enabled is None or not enabled():
+            return False, None
+        hooks = top(False)  # the innermost (pack, unpack) pair, None without any
+    except (TypeError, RuntimeError):  # a private query whose signature changed
+        return False, None
+    if hooks is None:
+        return True, None
+    outer = getattr(hooks[0], "__self__", None)
+    return (True, outer) if isinstance(outer, _RecomputeState) else (False, None)
+
+
+class _Recomputed:
+    """What autograd keeps instead of a saved tensor that lives in the storage of a cheap-to-recompute activation."""
+
+    __slots__ = ("offset", "size", "state", "stride")
+
+    def __init__(self, state: _RecomputeState, t: torch.Tensor) -> None:
+        self.state, self.size, self.stride = state, t.size(), t.stride()
+        self.offset = t.storage_offset() - state.offset
+
+
+class _RecomputeState:
+    """Shared by the markers of one activation: rebuilds it once per backward (on the first unpack) and drops it after
+    the last."""
+
+    __slots__ = ("device", "dtype", "fn", "offset", "outer", "packs", "ptr", "shape", "unpacks", "value")
+
+    def __init__(self, value: torch.Tensor, fn: Callable[[], torch.Tensor], outer: _RecomputeState | None) -> None:
+        self.fn, self.outer = fn, outer  # outer: the enclosing recompute_saved (a norm output around the MLP's)
+        self.ptr, self.offset = value.untyped_storage().data_ptr(), value.storage_offset()
+        self.shape, self.dtype, self.device = value.shape, value.dtype, value.device
+        self.packs = self.unpacks = 0
+        self.value: torch.Tensor | None = None
+
+    def pack(self, t: torch.Tensor) -> object:
+        if (
+            is_plain(t)
+            and t.layout == torch.strided
+            and t.dtype == self.dtype
+            and t.device == self.device
+            and t.untyped_storage().data_ptr() == self.ptr
+        ):
+            self.packs += 1
+            return _Recomputed(self, t)
+        return t if self.outer is None else self.outer.pack(t)
+
+    @staticmethod
+    def unpack(packed: object) -> torch.Tensor:
+        if not isinstance(packed, _Recomputed):
+            return packed
+        state = packed.state
+        if state.value is None:
+            with torch.no_grad():
+                value = state.fn().contiguous()
+            if value.shape != state.shape or value.dtype != state.dtype:
+                raise RuntimeError(
+                    f"recomputing a saved activation gave {tuple(value.shape)} {value.dtype}, expected "
+                    f"{tuple(state.shape)} {state.dtype}: the recomputation must repeat the forward's formula."
+                )
+            state.value = value
+        out = state.value.as_strided(packed.size, packed.stride, state.value.storage_offset() + packed.offset)
+        state.unpacks += 1
+        if state.unpacks >= state.packs:  # the last use in this backward: free it (a retained graph recomputes again)
+            state.value, state.unpacks = None, 0
+        return out
+
+
+def recompute_saved(value: torch.Tensor, fn: Callable[[], torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Within the block, autograd saves no tensor living in ``value``'s storage; the backward rebuilds ``value`` with
+    ``fn()`` (under no_grad) when it first needs it, and frees it after its last use.
+
+    Design choice: for activations that are one cheap elementwise step from tensors autograd keeps anyway (a norm's
+    output from its input, ``silu(gate) * up`` from ``gate`` and ``up``), storing them costs memory in proportion to
+    the tokens (about a third of a block's saved activations) while rebuilding them costs a few elementwise passes,
+    nothing next to the matmuls that consume them. ``fn`` must repeat the forward's computation exactly (same inputs,
+    same ops), so the rebuilt tensor is bit-identical. A saved-tensor hook, not a custom autograd function, so any
+    consumer (``nn.Linear``, peft's LoRA layers, attention) is covered without knowing it; the rebuilt tensor is
+    handed back with the saved one's autograd history, so double backward still works. Nested uses (the MLP's inside
+    the block's) delegate outwards. A no-op (nothing changes) without gradients, under ``torch.compile`` tracing,
+    inside other saved-tensor hooks (activation checkpointing already keeps only the block input), and for tensor
+    subclasses (DTensor).
+    """
+    if (
+        not torch.is_grad_enabled()
+        or not is_plain(value)
+        or value.layout != torch.strided
+        or value.numel() == 0
+        or value.device.type == "meta"
+        or not value.is_contiguous()
+    ):
+        return contextlib.nullcontext()
+    usable, outer = _outer_hooks()
+    if not usable:
+        return contextlib.nullcontext()
+    state = _RecomputeState(value, fn, outer)
+    return torch.autograd.graph.saved_tensors_hooks(state.pack, _RecomputeState.unpack)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` that saves only ``gate`` and ``up`` (autograd's ``F.silu(gate) * up`` also keeps
+    ``silu(gate)``: one more ``(B, T, I)`` tensor a layer, the largest activations of a block).
+
+    Backward, with ``s = sigmoid(gate)``: ``d up = d out * gate * s`` and
+    ``d gate = d out * up * (s - s * silu + silu)`` (``silu' = s + gate s (1 - s)``), in two buffers that become the
+    two gradients (autograd's formula needs four ``(B, T, I)`` temporaries); computed in float32 for half-precision
+    inputs (as autograd's own ``silu_backward``).
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)  # the values of F.silu(gate) * up, without a second (B, T, I) buffer
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        gate, up = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # double backward (create_graph=True): the same formula, out of place
+            s = torch.sigmoid(gate)
+            silu = gate * s
+            grad_gate = grad * up * (s + silu * (1 - s)) if need_gate else None
+            return grad_gate, (grad * silu if need_up else None)
+        wide = gate.dtype in (torch.float16, torch.bfloat16)
+        g, u, d = (t.float() for t in (gate, up, grad)) if wide else (gate, up, grad)
+        # two (B, T, I) buffers, which become the two gradients: sigmoid -> d gate, silu -> d up
+        grad_gate = torch.sigmoid(g)  # s
+        grad_up = g * grad_gate  # silu = g s
+        if need_gate:  # silu' = s + g s (1 - s) = s - s * silu + silu
+            grad_gate.addcmul_(grad_gate, grad_up, value=-1.0).add_(grad_up).mul_(u).mul_(d)
+        else:
+            grad_gate = None
+        grad_up = grad_up.mul_(d) if need_up else None
+        if wide:
+            grad_gate = None if grad_gate is None else grad_gate.to(gate.dtype)
+            grad_up = None if grad_up is None else grad_up.to(up.dtype)
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``; through :class:`_SwiGLU` (saves two tensors, not three) for plain tensors of one shape and
+    dtype under autograd, else the plain expression (tensor subclasses, ``torch.compile``, which fuses it itself)."""
+    if (
+        torch.is_grad_enabled()
+        and (gate.requires_grad or up.requires_grad)
+        and is_plain(gate)
+        and is_plain(up)
+        and gate.shape == up.shape
+        and gate.dtype == up.dtype
+        and not torch.compiler.is_compiling()
+    ):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
-    """SwiGLU ``down(silu(gate(x)) * up(x))`` or GELU ``down(gelu(up(x)))``."""
+    """SwiGLU ``down(silu(gate(x)) * up(x))`` or GELU ``down(gelu(up(x)))``.
+
+    Under autograd the activation fed to ``down`` is not stored: the backward rebuilds it from ``gate`` and ``up`` (or
+    from ``up`` for GELU), which are stored anyway (:func:`recompute_saved`), and the SwiGLU product saves only its two
+    inputs (:func:`swiglu`): two ``(B, T, I)`` tensors a layer instead of four.
+    """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -71,8 +245,15 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            act = swiglu(gate, up)  # (..., I)
+            rebuild = lambda: F.silu(gate).mul_(up)  # noqa: E731  the forward's values, bit for bit
+        else:
+            up = self.up_proj(x)
+            act = F.gelu(up, approximate=self.approximate)  # (..., I)
+            rebuild = lambda: F.gelu(up, approximate=self.approximate)  # noqa: E731
+        with recompute_saved(act, rebuild):
+            return self.down_proj(act)
 
 
 class Block(nn.Module):
@@ -89,13 +270,23 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The normalised inputs of attention and MLP are not stored for the backward: it renormalises the block
+        input (and the mid-block residual), which the norms keep anyway (:func:`recompute_saved`). (Not quite for an
+        RMSNorm that upcasts a bf16 / fp16 / fp64 input: it keeps the float32 copy, so holding the input costs what
+        the dropped output saves.)"""
         h = self.norm_1(x)
-        a = self.drop(self.attn(h, inputs, kv_cache, self.layer_idx))
+        with recompute_saved(h, functools.partial(self.norm_1.forward, x)):  # x is rebound below
+            a = self.drop(self.attn(h, inputs, kv_cache, self.layer_idx))
+            if self.parallel_residual and self.norm_2 is None:
+                return x + a + self.drop(self.mlp(h))
         if self.parallel_residual:
-            m = self.drop(self.mlp(h if self.norm_2 is None else self.norm_2(x)))
-            return x + a + m
+            h2 = self.norm_2(x)
+            with recompute_saved(h2, functools.partial(self.norm_2.forward, x)):
+                return x + a + self.drop(self.mlp(h2))
         x = x + a
-        return x + self.drop(self.mlp(self.norm_2(x)))
+        h2 = self.norm_2(x)
+        with recompute_saved(h2, functools.partial(self.norm_2.forward, x)):
+            return x + self.drop(self.mlp(h2))
 
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -277,19 +468,9 @@ class Transformer(nn.Module):
         self._check_ids(input_ids)
         b, t = input_ids.shape
         inputs = self.attention_inputs(b, t, input_ids.device, attention_mask, position_ids, kv_cache, segment_ids)
-        x = self.wte(input_ids)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(inputs.q_pos)
-        elif self.config.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_embedding(inputs.q_pos, self.config.n_embd).to(x.dtype)
-        if self.emb_norm is not None:
-            x = self.emb_norm(x)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, inputs, kv_cache)
+        x = self.hidden_states(input_ids, inputs, kv_cache)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.advance(t)
-        x = self.norm_f(x)  # (B, T, C)
         if return_hidden:
             return x
         bias = self.lm_head.bias if self.lm_head is not None else None
@@ -302,6 +483,27 @@ class Transformer(nn.Module):
                 x.flatten(0, 1), self.output_weight, targets.flatten(), bias, vocab_size=self.config.vocab_size
             )
         return self.logits(x)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Embeddings, blocks and final norm: hidden states ``(B, T, C)`` of ``input_ids`` given ``inputs``.
+
+        :meth:`forward` calls it after checking the ids and building ``inputs`` (:meth:`attention_inputs`); the static
+        decoding step of :func:`~lightning_llm.nn.generation.generate` calls it with fixed-shape inputs of its own
+        (no host-side checks or shape logic, so the step compiles to one graph). It does not advance ``kv_cache``.
+        """
+        x = self.wte(input_ids)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(inputs.q_pos)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_embedding(inputs.q_pos, self.config.n_embd).to(x.dtype)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, inputs, kv_cache)
+        return self.norm_f(x)  # (B, T, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project final hidden states ``(..., C)`` to logits ``(..., V)`` (padded vocabulary rows dropped).

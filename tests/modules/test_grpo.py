@@ -328,3 +328,33 @@ def test_truncate_at_eos_equals_stopping_at_eos():
     assert torch.equal(cut.response_mask[:, : n - stop.prompt_length], stop.response_mask)
     assert torch.equal(cut.finished, stop.finished)
     torch.testing.assert_close(cut.logprobs[:, : n - stop.prompt_length], stop.logprobs)
+
+
+def test_compiled_generation_rollouts_equal_eager_rollouts(monkeypatch):
+    """``compile_generation=True`` decodes with the compiled step (traced here with the ``aot_eager`` backend: no C++
+    build; tests/nn/test_static_decoding.py runs Inductor): the same greedy rollout as eager decoding, and the same
+    sampled one from the same seed (the sampler draws outside the graph, one draw per step as eagerly)."""
+    import lightning_llm.nn.generation as generation
+
+    monkeypatch.setattr(generation, "_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(generation, "_compiled_steps", {})
+    dm = _prompts()
+    batch = _batch(dm)
+    torch.manual_seed(0)
+    eager = _module(GRPO, dm, seed=5)
+    torch.manual_seed(0)
+    compiled = _module(GRPO, dm, seed=5, compile_generation=True)
+    assert compiled.compiles_generation and not eager.compiles_generation
+    assert _module(GRPO, dm, compile=True).compiles_generation  # None follows the module's `compile`
+    for temperature in (0.0, None):  # greedy, then the module's temperature 1
+        a = eager.rollout(batch["prompt"], batch["prompt_ids"], temperature)
+        b = compiled.rollout(batch["prompt"], batch["prompt_ids"], temperature)
+        assert torch.equal(a.sequences, b.sequences) and torch.equal(a.completion_mask, b.completion_mask)
+        assert torch.equal(a.rewards, b.rewards)
+    assert "cpu" in generation._compiled_steps and generation._compile_error is None  # the compiled path ran
+    torch._dynamo.reset()
+
+
+def test_compile_generation_argument_is_checked():
+    with pytest.raises(ValueError, match=r"GRPO: `compile_generation` must be True, False or None"):
+        _module(GRPO, _prompts(), compile_generation="yes")

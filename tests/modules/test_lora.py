@@ -295,3 +295,55 @@ def test_hf_weights_load_in_the_dtype_asked(tmp_path, dtype):
     module.configure_model()
     base = {p.dtype for n, p in module.model.named_parameters() if ".lora_" not in n}
     assert base == {getattr(torch, dtype)}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("trainable", ["adapters", "adapters+x", "all"])
+def test_lora_linear_function_matches_autograd_float64(bias: bool, trainable: str):
+    """``_LoraLinearFunction`` (one ``addmm_`` forward, input gradient of both paths in one buffer) against autograd's
+    derivative of ``x W^T + b + s (x A^T) B^T``, in float64, whichever inputs need gradients."""
+    from lightning_llm.nn.lora import _LoraLinearFunction
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64) if bias else None
+    a, bb = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    a.requires_grad_(), bb.requires_grad_()
+    if trainable in ("adapters+x", "all"):
+        x.requires_grad_()
+    if trainable == "all":
+        w.requires_grad_()
+        if b is not None:
+            b.requires_grad_()
+    scale = 0.75
+    leaves = [t for t in (x, w, b, a, bb) if t is not None and t.requires_grad]
+    out = _LoraLinearFunction.apply(x, w, b, a, bb, scale)
+    ref = torch.nn.functional.linear(x, w, b) + scale * (x @ a.t()) @ bb.t()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    for got, exp in zip(
+        torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(ref, leaves, grad_out), strict=True
+    ):
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda *t: _LoraLinearFunction.apply(*t, scale), (x, w, b, a, bb))
+
+
+def test_lean_layer_paths():
+    """No dropout: the fused function (one saved input, its gradient in one buffer); with dropout: the in-place
+    ``add_`` path, the same values as peft's forward under the same random mask."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    for dropout, fn in ((0.0, "_LoraLinearFunctionBackward"), (0.3, "AddBackward0")):
+        torch.manual_seed(0)
+        model = Transformer(CFG)
+        apply_lora(model, {"r": 4, "alpha": 8, "dropout": dropout, "target_modules": ["up_proj"]})
+        _randomise_b(model)
+        layer = model.blocks[0].mlp.up_proj
+        x = torch.randn(2, 5, 32, requires_grad=True)
+        out = layer(x)
+        assert out.shape == (2, 5, layer.out_features)
+        assert fn in type(out.grad_fn).__name__ or fn in type(out.grad_fn.next_functions[0][0]).__name__
+        torch.manual_seed(1)
+        out = layer(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(out, PeftLinear.forward(layer, x), rtol=1e-6, atol=1e-6)

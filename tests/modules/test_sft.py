@@ -168,3 +168,30 @@ def test_quickstart_preset_runs_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads(next(tmp_path.rglob("fit_metrics.json")).read_text())
     assert {"val/loss", "val/token_accuracy", "baseline/val_loss", "baseline/val_token_accuracy"} <= set(metrics)
+
+
+def test_right_padded_rows_train_without_a_mask():
+    """Right padding under causal attention: no real token sees a pad and positions are indices, so the training
+    forward drops the mask (no (B, 1, T, T) mask per layer); left padding, packing or explicit positions keep it.
+    The loss and gradients equal the masked forward's (the model's own loss with the mask, over the same rows)."""
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert SFT._training_inputs({"attention_mask": right}) == {}
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert set(SFT._training_inputs({"attention_mask": left})) == {"attention_mask"}
+    packed = {"attention_mask": right, "position_ids": torch.zeros(3, 4, dtype=torch.long)}
+    assert set(SFT._training_inputs(packed)) == {"attention_mask", "position_ids"}
+
+    tok = char_tokenizer(chars=INSTRUCTION_CHARS)
+    cfg = TransformerConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    module = SFT(config=cfg)
+    module.configure_model()
+    items = [tokenize_sft_example(r, tok, ChatTemplate()) for r in instruction_examples(3, 5)]
+    batch = collate_sft(items, tok.pad_id)
+    assert not bool(batch["attention_mask"].all())  # rows of different lengths: there are pads
+    loss = module.loss(batch)
+    grads = torch.autograd.grad(loss, list(module.model.parameters()))
+    masked = module.model(batch["input_ids"], targets=batch["targets"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(loss, masked, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(masked, list(module.model.parameters())), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -138,3 +138,49 @@ def test_scalar_head() -> None:
     assert out.shape == (2, 5)
     torch.testing.assert_close(out, h @ head.proj.weight[0] + head.proj.bias[0])
     assert head.proj.bias.item() == 0.0
+
+
+def test_fused_loss_reuses_one_logits_buffer_and_accumulates_in_place() -> None:
+    """Many chunks, trainable output layer: one ``(chunk, V)`` float32 block for every chunk's logits and one
+    ``(V, C)`` gradient, never a ``(V, C)`` product per chunk; the gradients still match autograd's."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NewStorages(TorchDispatchMode):
+        """The byte sizes of the storages the ops under it allocate (in-place ops and views allocate none)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: set[int] = set()  # storages alive now (a dead one's address may be reused)
+            self.created: list[int] = []
+
+        def _new(self, t: torch.Tensor) -> bool:
+            storage = t.untyped_storage()
+            if storage._cdata in self.live:
+                return False
+            self.live.add(storage._cdata)
+            weakref.finalize(storage, self.live.discard, storage._cdata)
+            return True
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in (*args, *(kwargs or {}).values()):
+                if isinstance(t, torch.Tensor):
+                    self._new(t)
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and self._new(t):
+                    self.created.append(t.untyped_storage().nbytes())
+            return out
+
+    n, c, v, chunk = 40, 6, 29, 8
+    hidden, weight, _ = _leaves(n, c, v, False, seed=7)
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(8))
+    with NewStorages() as mode:
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk)
+    assert mode.created.count(chunk * v * 4) == 1  # 5 chunks, one float32 buffer
+    assert mode.created.count(v * c * 4) == 1  # the zero-initialised gradient only
+    got = torch.autograd.grad(loss, (hidden, weight))
+    ref = F.cross_entropy(F.linear(hidden, weight), targets)
+    for a, b in zip(got, torch.autograd.grad(ref, (hidden, weight)), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
