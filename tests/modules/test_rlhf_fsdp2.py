@@ -98,7 +98,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
 #: fractions of tokens on the far side of a clip boundary: a count, so float rounding that differs between layouts
 #: (all-reduce vs reduce-scatter order) may move ONE token across the boundary; 1/96 is one token of PPO's steps
 COUNTED = ("clipfrac", "clip_ratio")
-ONE_TOKEN = 1 / 96 + 1e-9
+ONE_TOKEN = 1 / 96 + 1e-6  # (+ float32 rounding of the logged fractions)
 
 
 def _assert_same_steps(got: list[dict], ref: list[dict], **tol) -> None:
