@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_checks.sh            (from the repository root, torch with CUDA and the project installed)
 # Covers: FSDPStrategy (v1) tests, compiled FlexAttention ALiBi vs eager, GPU training throughput and MFU
 # (GPT-2-124M shape, eager and compiled, ALiBi vs RoPE), the planner's estimated step time against the measured one
-# (same shape), the Perplexity metric on CUDA, and HarnessLM against lm-evaluation-harness's HFLM on CUDA.
+# (same shape), the Perplexity metric on CUDA, HarnessLM against lm-evaluation-harness's HFLM on CUDA, and the
+# static / compiled decode step (its tests and rollout.py against transformers' generate) on CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -20,10 +21,13 @@ python -m lightning_llm plan --model model/gpt2_124m --vocab_size 50304 --world_
     --micro_batch_size 16 --global_batch_size 16 --seq_len 1024 --precision bf16-mixed --activation_checkpointing false \
     --json /tmp/gpu_plan.json > /tmp/gpu_plan.log 2>&1
 timeout 300 python benchmarks/harness.py --device cuda --n 500 > /tmp/gpu_harness.log 2>&1
+timeout 300 python benchmarks/rollout.py --device cuda > /tmp/gpu_rollout.log 2>&1
+python -m pytest -q -p no:cacheprovider tests/nn/test_static_decoding.py -m "slow or not slow" > /tmp/gpu_decode.log 2>&1; decode=$?
 echo "| check | result |"
 echo "|---|---|"
 status "FSDPStrategy tests" "$( [ $fsdp -eq 0 ] && echo pass || echo "FAIL (rc $fsdp, /tmp/gpu_fsdp.log)")"
 status "compiled Flex ALiBi vs eager" "$( [ $flex -eq 0 ] && echo pass || echo "FAIL (rc $flex, /tmp/gpu_flex.log)")"
+status "static / compiled decode step tests" "$( [ $decode -eq 0 ] && echo pass || echo "FAIL (rc $decode, /tmp/gpu_decode.log)")"
 echo; echo "training throughput (eager):"; grep "^|" /tmp/gpu_tput.log
 echo; echo "training throughput (torch.compile):"; grep "^|" /tmp/gpu_tput_compile.log
 echo; echo "Perplexity metric on CUDA:"; tail -6 /tmp/gpu_metrics.log
@@ -43,3 +47,4 @@ for name, log in (("eager", "/tmp/gpu_tput.log"), ("compiled", "/tmp/gpu_tput_co
                       f" {est_tps:.0f} tok/s | measured/planned tok/s {nums[1] / est_tps:.2f} |")
 PY
 echo; echo "HarnessLM vs HFLM on CUDA:"; grep "^|" /tmp/gpu_harness.log || tail -5 /tmp/gpu_harness.log
+echo; echo "compiled decode step vs transformers generate on CUDA:"; grep "^|" /tmp/gpu_rollout.log || tail -5 /tmp/gpu_rollout.log
