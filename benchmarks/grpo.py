@@ -123,6 +123,22 @@ class _Timer:
 
         setattr(obj, rename or name, timed)
 
+    @staticmethod
+    def flag_during(obj, name: str) -> list[bool]:
+        """Wrap ``obj.<name>`` so that the returned one-element flag is True while it runs (to attribute the calls
+        made inside it, e.g. log-probabilities computed while building the experience, to another phase)."""
+        fn, flag = getattr(obj, name), [False]
+
+        def flagged(*args, **kwargs):
+            flag[0] = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                flag[0] = False
+
+        setattr(obj, name, flagged)
+        return flag
+
     def time_optimizer(self, optimizer) -> None:
         """Add each ``optimizer.step`` (hooks on the torch optimizer) to the ``optimizer`` phase."""
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's / Lightning's wrapper
@@ -187,17 +203,7 @@ def bench_ours(path: Path, prompts: list[str], args: argparse.Namespace) -> tupl
         log_completions_every_n_steps=0,
         compile_generation=args.compile_generation,
     )
-    in_rollout = [False]  # log-probabilities computed while building the experience are "old/ref"
-
-    def experience(*a, **k):
-        in_rollout[0] = True
-        try:
-            return experience_fn(*a, **k)
-        finally:
-            in_rollout[0] = False
-
-    experience_fn = model.experience
-    model.experience = experience
+    in_rollout = timer.flag_during(model, "experience")  # log-probabilities computed meanwhile are "old/ref"
     timer.wrap(model, "sample", "generation")
     timer.wrap(model, "_decode", "generation")
     timer.wrap(model, "score", "rewards")
@@ -295,17 +301,7 @@ def bench_trl(
         processing_class=tokenizer,
         callbacks=[Timing()],
     )
-    in_rollout = [False]
-
-    def generate_and_score(*a, **k):
-        in_rollout[0] = True
-        try:
-            return generate_and_score_fn(*a, **k)
-        finally:
-            in_rollout[0] = False
-
-    generate_and_score_fn = trainer._generate_and_score_completions
-    trainer._generate_and_score_completions = generate_and_score
+    in_rollout = timer.flag_during(trainer, "_generate_and_score_completions")
     timer.wrap(trainer, "_generate", "generation")
     timer.wrap(trainer, "_calculate_rewards", "rewards")
     timer.wrap(trainer, "_get_per_token_logps_and_entropies", lambda: "old/ref logprobs" if in_rollout[0] else None)

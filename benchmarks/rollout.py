@@ -133,17 +133,7 @@ def _manual(module) -> torch.optim.Optimizer:
 def _time_phases(module, timer: _Timer, forwards: tuple[str, ...], loss: str) -> None:
     """Time the phases of an online-RL iteration: ``forwards`` are the methods run while building the experience
     (policy/value/reference passes), ``loss`` the method computing the objective in the update."""
-    in_rollout = [False]
-    experience_fn = module.experience
-
-    def experience(*a, **k):
-        in_rollout[0] = True
-        try:
-            return experience_fn(*a, **k)
-        finally:
-            in_rollout[0] = False
-
-    module.experience = experience
+    in_rollout = timer.flag_during(module, "experience")
     timer.wrap(module, "sample", "generation")
     timer.wrap(module, "_decode", "generation")
     timer.wrap(module, "score", "rewards")

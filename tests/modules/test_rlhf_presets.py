@@ -41,28 +41,15 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 WORKER = HERE / "_rlhf_presets_worker.py"
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 from _launch import run_all  # noqa: E402
+from test_rlhf_fsdp2 import _reward_checkpoint  # noqa: E402  (the same random reward model)
 
 TIMEOUT = 420
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 #: the default launches (in parallel); PPO under tensor parallelism, a launch pair of its own, is marked slow
 LAUNCHES = {"ddp": ["ppo:ddp", "reward:ddp"], "tp": ["grpo:tp"], "single": ["grpo:single"]}
 SLOW_LAUNCHES = {"tp": ["ppo:tp"], "single": ["ppo:single"]}
-
-
-def _reward_checkpoint(path: Path) -> Path:
-    """A (random) reward model checkpoint with the prompt data's character tokenizer (as in test_rlhf_fsdp2)."""
-    from lightning_llm.data.prompts import PromptDataModule
-    from lightning_llm.data.tokenizer import tokenizer_state
-    from lightning_llm.modules.reward_model import RewardModel
-
-    dm = PromptDataModule(num_train=32, num_val=16, batch_size=4)
-    torch.manual_seed(0)
-    rm = RewardModel(config={"vocab_size": dm.vocab_size, "block_size": 32, "n_layer": 2, "n_head": 4,
-                             "n_kv_head": 2, "n_embd": 32})  # fmt: skip
-    torch.save({"state_dict": rm.state_dict(), "transformer_config": rm.config.to_dict(),
-                **tokenizer_state(dm.tokenizer)}, path)  # fmt: skip
-    return path
 
 
 def _launch(out: Path, launches: dict[str, list[str]]) -> dict[str, tuple[dict, dict]]:
