@@ -53,6 +53,30 @@ def _patch_gradient_clipping(precision_plugin: Any, pipeline_group: Any = None) 
     precision_plugin._lightning_llm_clip = True
 
 
+def _mesh_sizes(
+    world: int, pipeline: int, data: int | Literal["auto"], tensor: int | Literal["auto"], auto_tensor: int
+) -> tuple[int, int]:
+    """``(data, tensor)`` sizes of a ``pipeline x data x tensor`` device mesh over ``world`` ranks.
+
+    ``tensor="auto"`` becomes ``auto_tensor`` (the devices of one node for FSDP2 + TP, 1 under pipelining), then
+    ``data="auto"`` takes the ranks left over. Raises ``ValueError`` naming the sizes when they do not multiply to
+    ``world``.
+    """
+    t = auto_tensor if tensor == "auto" else tensor
+    if world % (pipeline * t):
+        raise ValueError(
+            f"pipeline_parallel_size={pipeline} x tensor_parallel_size={t} must divide the world size {world} "
+            "(num_nodes * devices); change devices, pipeline_parallel_size or tensor_parallel_size."
+        )
+    d = world // (pipeline * t) if data == "auto" else data
+    if pipeline * d * t != world:
+        raise ValueError(
+            f"pipeline_parallel_size={pipeline} x data_parallel_size={d} x tensor_parallel_size={t} = "
+            f"{pipeline * d * t} must equal the world size {world}; use data_parallel_size='auto'."
+        )
+    return d, t
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` (FSDP2 + tensor parallel) with LLM defaults and atomic sharded saves.
 
@@ -113,17 +137,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.meta_init = meta_init
 
     def setup_environment(self) -> None:
-        world = self.num_nodes * self.num_processes
-        t = self._tensor_parallel_size
-        if t == "auto":
-            t = self._tensor_parallel_size = self.num_processes
-        if world % t:
-            raise ValueError(
-                f"tensor_parallel_size={t} must divide the world size {world} (num_nodes * devices); change devices "
-                "or tensor_parallel_size."
-            )
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = world // t
+        self._data_parallel_size, self._tensor_parallel_size = _mesh_sizes(
+            self.num_nodes * self.num_processes,
+            1,
+            self._data_parallel_size,
+            self._tensor_parallel_size,
+            self.num_processes,
+        )
         super().setup_environment()
 
     def setup(self, trainer: Any) -> None:
@@ -263,20 +283,10 @@ class PipelineStrategy(FSDP2Strategy):
         from lightning.pytorch.strategies.parallel import ParallelStrategy
         from torch.distributed.device_mesh import init_device_mesh
 
-        world = self.num_nodes * self.num_processes
         p = self.pipeline_parallel_size
-        t = self._tensor_parallel_size if self._tensor_parallel_size != "auto" else 1
-        if world % (p * t):
-            raise ValueError(
-                f"pipeline_parallel_size={p} x tensor_parallel_size={t} must divide the world size {world} "
-                "(num_nodes * devices); change devices, pipeline_parallel_size or tensor_parallel_size."
-            )
-        d = world // (p * t) if self._data_parallel_size == "auto" else self._data_parallel_size
-        if p * d * t != world:
-            raise ValueError(
-                f"pipeline_parallel_size={p} x data_parallel_size={d} x tensor_parallel_size={t} = {p * d * t} must "
-                f"equal the world size {world}; use data_parallel_size='auto'."
-            )
+        d, t = _mesh_sizes(
+            self.num_nodes * self.num_processes, p, self._data_parallel_size, self._tensor_parallel_size, 1
+        )
         self._tensor_parallel_size, self._data_parallel_size = t, d
         ParallelStrategy.setup_environment(self)
         self._setup_distributed()

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lightning_llm.parallel import BlockFSDPStrategy, FSDP2Strategy, ddp, fsdp, fsdp2
-from lightning_llm.parallel.presets import _replace_dir
+from lightning_llm.parallel.presets import _mesh_sizes, _replace_dir
 
 
 def test_strategy_factories():
@@ -29,6 +29,33 @@ def test_strategy_factories():
         fsdp2(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="mp_policy"):
         fsdp2(mp_policy={"param_dtype": "bfloat17"})
+
+
+@pytest.mark.parametrize(
+    ("world", "pipeline", "data", "tensor", "auto_tensor", "expected"),
+    [
+        (8, 1, "auto", "auto", 4, (2, 4)),  # FSDP2 + TP on 2 nodes of 4: TP inside a node, DP across nodes
+        (8, 1, "auto", 2, 4, (4, 2)),
+        (8, 2, "auto", "auto", 1, (4, 1)),  # pipelining: TP off unless asked, DP takes the rest (8 / 2)
+        (8, 2, 2, 2, 1, (2, 2)),
+        (1, 1, "auto", "auto", 1, (1, 1)),
+    ],
+)
+def test_mesh_sizes(world, pipeline, data, tensor, auto_tensor, expected):
+    assert _mesh_sizes(world, pipeline, data, tensor, auto_tensor) == expected
+
+
+def test_mesh_sizes_errors():
+    with pytest.raises(
+        ValueError, match=r"pipeline_parallel_size=2 x tensor_parallel_size=3 must divide the world size 8"
+    ):
+        _mesh_sizes(8, 2, "auto", 3, 1)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide the world size 4"):
+        _mesh_sizes(4, 1, "auto", "auto", 3)  # 'auto' TP = devices per node, not a divisor of the world here
+    with pytest.raises(
+        ValueError, match=r"data_parallel_size=3 x tensor_parallel_size=2 = 12 must equal the world size 8"
+    ):
+        _mesh_sizes(8, 2, 3, 2, 1)
 
 
 def test_sharded_save_replaces_folder_whole(tmp_path, monkeypatch):
