@@ -2,7 +2,7 @@
 iterations/s with where their time goes.
 
     python benchmarks/rollout.py [--device cpu|cuda] [--batch-size 16] [--prompt-len 32] [--new-tokens 64]
-                                 [--no-compile]
+                                 [--no-compile] [--json PATH]
 
 Both models hold the SAME weights (a random ``LlamaForCausalLM`` converted with :func:`lightning_llm.hf.from_hf`);
 decoding is greedy with no EOS (every row generates ``new_tokens`` tokens), and the outputs are checked to be identical
@@ -32,7 +32,7 @@ import statistics
 import time
 
 import torch
-from _common import sync
+from _common import sync, write_json
 from grpo import _Timer
 
 ROLLOUT_PHASES = ("generation", "rewards", "old/ref/value forwards", "loss forward", "backward", "optimizer")
@@ -204,6 +204,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--ppo-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the table (rows + machine + commit) to this file")
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -225,14 +226,20 @@ def main() -> None:
         f"llama(hidden={args.hidden}, layers={args.layers}, vocab={args.vocab})"
     )
     print(f"greedy outputs identical: {bool(gen['identical'])}")
-    print("| measurement | lightning_llm | transformers | ratio |")
-    print("|---|---|---|---|")
+    rows = []  # the printed table, one object a row, the same column names (written by --json)
     for unit, suffix in (("tokens/s", "tok_s"), ("tokens per CPU second", "tok_cpu_s")):
         hf = gen[f"hf_{suffix}"]
         for side, label in (("ours", "compiled"), ("ours_eager", "eager")):
             if f"{side}_{suffix}" in gen:
                 ours = gen[f"{side}_{suffix}"]
-                print(f"| generation {unit}, {label} decode step | {ours:.0f} | {hf:.0f} | {ours / hf:.2f}x |")
+                rows.append(
+                    {
+                        "measurement": f"generation {unit}, {label} decode step",
+                        "lightning_llm": round(ours),
+                        "transformers": round(hf),
+                        "ratio": f"{ours / hf:.2f}x",
+                    }
+                )
     for (algorithm, compile), (rate, _) in online.items():
         shape = (
             f"B={args.ppo_batch}, N=8, 4 epochs x 2 minibatches"
@@ -241,7 +248,18 @@ def main() -> None:
         )
         other = "n/a (TRL has no PPO)" if algorithm == "ppo" else "TRL: see benchmarks/grpo.py (GRPO)"
         decode = "compiled" if compile else "eager"
-        print(f"| {algorithm.upper()} iterations/s ({shape}, {decode} decode step) | {rate:.2f} | {other} | - |")
+        rows.append(
+            {
+                "measurement": f"{algorithm.upper()} iterations/s ({shape}, {decode} decode step)",
+                "lightning_llm": round(rate, 2),
+                "transformers": other,
+                "ratio": "-",
+            }
+        )
+    print("| measurement | lightning_llm | transformers | ratio |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['measurement']} | {r['lightning_llm']} | {r['transformers']} | {r['ratio']} |")
     if args.compile:
         n = args.batch_size * args.new_tokens
         saved = n / gen["ours_eager_tok_s"] - gen["median_call_s"]  # seconds per call, compiled vs eager
@@ -257,6 +275,15 @@ def main() -> None:
     for phase in ppo_phases:
         print(f"{phase:<26}{ppo_phases[phase]:>10.4f}{rloo_phases[phase]:>10.4f}")
     print("(warm-up iteration: not timed above; it includes compiling the decode step when it is compiled)")
+    write_json(
+        args.json,
+        rows,
+        device,
+        identical=bool(gen["identical"]),
+        first_compiled_call_s=gen.get("first_call_s"),
+        phases={"ppo": ppo_phases, "rloo": rloo_phases},
+        args=vars(args),
+    )
 
 
 if __name__ == "__main__":
