@@ -438,18 +438,30 @@ def _part_perturbed(
     seed: int,
     batch_size: int,
 ) -> dict[str, Any]:
-    """Accuracy under each perturbation, HELM's worst case over the original and all perturbed inputs, the drop."""
+    """Accuracy under each perturbation, HELM's worst case over the original and all perturbed inputs, the drop.
+
+    A question a perturbation leaves unchanged (a sentence with no word to misspell, no pronoun to swap), or turns into
+    a text already scored for that example, is not run again: its correctness is the one already computed (the
+    original's from ``base``), so each distinct (example, question) text costs one forward, shared by the parts.
+    ``scored`` in each perturbation's entry counts the examples it actually ran.
+    """
+    known = {(i, ex.question): c for i, (ex, c) in enumerate(zip(examples, base["correct"]))}
     worst = list(base["correct"])
     per: dict[str, Any] = {}
     for name in names:
         p = Perturbation(name, seed)
         perturbed = [tasks.MultipleChoiceExample(p(ex.question), ex.choices, ex.answer) for ex in examples]
         changed = sum(a.question != b.question for a, b in zip(examples, perturbed))
-        res = _mc(lm, tok, perturbed, cfg, batch_size)
-        worst = [min(a, b) for a, b in zip(worst, res["correct"])]
+        todo = [i for i, ex in enumerate(perturbed) if (i, ex.question) not in known]
+        if todo:
+            res = _mc(lm, tok, [perturbed[i] for i in todo], cfg, batch_size)
+            known.update({(i, perturbed[i].question): c for i, c in zip(todo, res["correct"])})
+        correct = [known[i, ex.question] for i, ex in enumerate(perturbed)]
+        worst = [min(a, b) for a, b in zip(worst, correct)]
         per[name] = {
-            "acc": sum(res["correct"]) / len(res["correct"]),
+            "acc": sum(correct) / len(correct),
             "changed_fraction": changed / len(examples),
+            "scored": len(todo),
             "example": perturbed[0].question[:200],
         }
     acc = sum(base["correct"]) / len(base["correct"])

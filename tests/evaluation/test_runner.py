@@ -258,3 +258,34 @@ def test_part_defaults_are_documented():
     for cls in PARTS.values():
         for field in dataclasses.fields(cls):
             assert f"    {field.name}: " in cls.__doc__, f"{cls.__name__}.{field.name}"
+
+
+def test_perturbed_parts_score_each_distinct_text_once(model, tok, monkeypatch):
+    """Robustness / fairness reuse the scores of questions a perturbation left unchanged: the same accuracies as
+    scoring every perturbed list in full (the reference below, computed without the runner), with fewer forwards."""
+    from lightning_llm.evaluation import runner
+    from lightning_llm.evaluation.perturbations import Perturbation
+
+    cfg = MultipleChoicePart(limit=24)
+    examples, _ = runner._mc_examples(cfg, seed=0)
+    lm = LanguageModel(model, device="cpu")
+    base = runner._mc(lm, tok, examples, cfg, 8)
+    names = ("misspellings", "dialect", "gender_pronouns")
+    scored = []
+    real_mc = runner._mc
+    monkeypatch.setattr(
+        runner, "_mc", lambda lm_, tok_, exs, *a: scored.append(len(exs)) or real_mc(lm_, tok_, exs, *a)
+    )
+    out = runner._part_perturbed(lm, tok, names, examples, base, cfg, 0, 8)
+    worst = list(base["correct"])
+    for name in names:  # reference: every perturbed example scored, nothing shared
+        p = Perturbation(name, 0)
+        full = real_mc(
+            lm, tok, [tasks.MultipleChoiceExample(p(e.question), e.choices, e.answer) for e in examples], cfg, 8
+        )
+        assert out["perturbations"][name]["acc"] == sum(full["correct"]) / len(examples), name
+        worst = [min(a, b) for a, b in zip(worst, full["correct"])]
+        changed = round(out["perturbations"][name]["changed_fraction"] * len(examples))
+        assert out["perturbations"][name]["scored"] <= changed
+    assert out["worst_case_acc"] == sum(worst) / len(examples)
+    assert sum(scored) == sum(out["perturbations"][n]["scored"] for n in names) < len(names) * len(examples)
