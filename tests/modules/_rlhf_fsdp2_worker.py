@@ -193,8 +193,8 @@ def make_trainer(
 ) -> L.Trainer:
     if layout == "fsdp2":  # the alt variant keeps gathered weights from the forward to the backward (ZeRO-2-like)
         strategy = FSDP2Strategy(reshard_after_forward=variant != "alt")
-    else:  # DDP: the backbone of PPO's separate value model leaves its lm_head unused
-        strategy = {"single": "auto", "ddp": "ddp_find_unused_parameters_true"}[layout]
+    else:  # DDP as the presets run it: every trainable parameter gets a gradient (scalar-head backbones freeze lm_head)
+        strategy = {"single": "auto", "ddp": "ddp"}[layout]
     return L.Trainer(
         accelerator="cpu",
         devices=1 if layout == "single" else 2,
