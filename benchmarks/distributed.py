@@ -329,27 +329,40 @@ def _rlhf_table(args: argparse.Namespace, results: dict[str, dict]) -> list[str]
     return lines
 
 
-def _causal_table(args: argparse.Namespace, results: dict[str, dict]) -> list[str]:
+def _causal_table(args: argparse.Namespace, results: dict[str, dict]) -> tuple[list[str], list[dict]]:
+    """The printed lines and the table as row objects (same columns)."""
     base = results["ddp"]
+    mib = 2**20
+    rows = [
+        {
+            "strategy": name,
+            "params MiB": round(r["bytes"]["param_bytes"] / mib, 2),
+            "optim MiB": round(r["bytes"]["optimizer_bytes"] / mib, 2),
+            "states/rank MiB": round(r["bytes"]["total_bytes"] / mib, 2),
+            "states x DDP": round(r["bytes"]["total_bytes"] / base["bytes"]["total_bytes"], 3),
+            "tokens/s": round(r["tokens_per_sec"]),
+            "tokens/s x DDP": round(r["tokens_per_sec"] / base["tokens_per_sec"], 2),
+            "final loss": round(r["losses"][-1], 5),
+        }
+        for name, r in results.items()
+    ]
     lines = [
         f"2 CPU processes (gloo), fp32, n_layer={args.n_layer} n_embd={args.n_embd} vocab={args.vocab_size} "
         f"T={args.block_size}, global batch {2 * args.batch_size}, {args.steps} steps, AdamW"
     ]
     head = f"{'strategy':<10} {'params MiB':>10} {'optim MiB':>10} {'states/rank':>12} {'x DDP':>6} {'tokens/s':>9} {'x DDP':>6} {'final loss':>11}"
     lines += [head, "-" * len(head)]
-    for name, r in results.items():
-        b = r["bytes"]
+    for r in rows:
         lines.append(
-            f"{name:<10} {b['param_bytes'] / 2**20:>10.2f} {b['optimizer_bytes'] / 2**20:>10.2f} "
-            f"{b['total_bytes'] / 2**20:>10.2f}Mi {b['total_bytes'] / base['bytes']['total_bytes']:>6.3f} "
-            f"{r['tokens_per_sec']:>9.0f} {r['tokens_per_sec'] / base['tokens_per_sec']:>6.2f} {r['losses'][-1]:>11.5f}"
+            f"{r['strategy']:<10} {r['params MiB']:>10.2f} {r['optim MiB']:>10.2f} {r['states/rank MiB']:>10.2f}Mi "
+            f"{r['states x DDP']:>6.3f} {r['tokens/s']:>9.0f} {r['tokens/s x DDP']:>6.2f} {r['final loss']:>11.5f}"
         )
     ratio = results["fsdp2"]["bytes"]["total_bytes"] / base["bytes"]["total_bytes"]
     same = abs(results["fsdp2"]["losses"][-1] - base["losses"][-1]) < 1e-4
     lines.append(
         f"goal FSDP2 <= 0.55x DDP states: {'met' if ratio <= 0.55 else 'MISSED'} ({ratio:.3f}x); same loss: {same}"
     )
-    return lines
+    return lines, rows
 
 
 def _launch(name: str, out: Path, extra: list[str], env: dict[str, str] | None = None) -> dict:
@@ -404,16 +417,16 @@ def main() -> None:
             for name in RLHF_WORKERS:
                 out = Path(tmp) / f"{name.replace(':', '_')}.json"
                 rlhf[name] = _launch(name, out, ["--reward-ckpt", str(ckpt)], env)
-    lines = []
+    lines, rows = [], []
     if causal:
-        lines += _causal_table(args, causal)
+        lines, rows = _causal_table(args, causal)
     if rlhf:
         lines += ([""] if lines else []) + _rlhf_table(args, rlhf)
     print("\n".join(lines))
     from _common import write_json
 
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "out", "reward_ckpt")}
-    write_json(args.json, {"causal_lm": causal, "rlhf": rlhf}, settings=settings)
+    write_json(args.json, rows, settings=settings, measured={"causal_lm": causal, "rlhf": rlhf})
 
 
 if __name__ == "__main__":
