@@ -38,11 +38,11 @@ How it is computed is ours:
   chunk of rows at a time, log-probabilities from the one chunked kernel :func:`lightning_llm.ops.token_logprobs`;
   the greedy check (an argmax over the vocabulary: 1.7x the log-softmax's time on CPU, measured) runs only for
   ``loglikelihood`` (``loglikelihood_rolling`` returns no ``is_greedy``).
-* **Generation** groups requests by generation settings, sorts them by length (full batches), decodes each
-  left-padded batch with our KV cache (greedy = the argmax, as Hugging Face's ``generate``), checks the stop
-  sequences only on the newest tokens of the rows still running, and stops the batch as soon as every row has met
-  one. The loop is here rather than in :func:`lightning_llm.nn.generation.generate`, which stops a row only at one
-  EOS id: ``until`` strings (``"\n\n"``, ``"Question:"``) would run every batch to ``max_gen_toks``.
+* **Generation** groups requests by generation settings, sorts them by length (full batches) and decodes each
+  left-padded batch with :func:`lightning_llm.nn.generation.generate` (preallocated KV cache, fixed-shape decode
+  step, compiled with ``compile=True``; greedy = the first maximum, as Hugging Face's ``generate``). Its ``stop``
+  hook checks the stop sequences on the newest tokens of the rows still running (:meth:`HarnessLM._stop_test`), so
+  a row stops at its first stop sequence and the batch as soon as every row has met one.
 
 **Data parallel.** When a ``torch.distributed`` process group with more than one process is initialised (or the
 process was launched by ``torchrun`` and ``distributed`` is not False: one is then initialised here, ``gloo`` on CPU,
@@ -165,6 +165,9 @@ class HarnessLM(TemplateLM):
         distributed: shard requests across the ranks of a ``torch.distributed`` process group. None (default): when
             one with more than one process is initialised, or launched by ``torchrun`` (one is then initialised);
             True: the same, but an error when there is none; False: never (every process scores everything).
+        compile: ``generate_until`` decodes with the ``torch.compile``-d step (``generate(compile=True)``): the same
+            tokens, each step faster, but every new (batch size, cache capacity) shape costs a compilation first
+            (15-30 s on a CPU, once per process); worth it only for long generations. Default False.
         **kwargs: the harness's extra model arguments (``max_batch_size``...), accepted and ignored.
 
     Attributes:
@@ -185,6 +188,7 @@ class HarnessLM(TemplateLM):
         add_bos_token: bool | None = None,
         seed: int = 1234,
         distributed: bool | None = None,
+        compile: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -203,6 +207,8 @@ class HarnessLM(TemplateLM):
                 f"`distributed` must be None (auto), True or False, got {distributed!r}; None shards requests when "
                 "a torch.distributed process group is initialised or the process was launched by torchrun."
             )
+        if not isinstance(compile, bool):
+            raise ValueError(f"`compile` must be True or False, got {compile!r}.")
         launched = _launched_by_torchrun()
         if device is None and launched and distributed is not False and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank, as accelerate does
@@ -220,6 +226,7 @@ class HarnessLM(TemplateLM):
         self.batch_size = batch_size
         self.add_bos_token = add_bos_token
         self.seed = seed
+        self.compile = compile
         self.pad_id = int(getattr(tok, "pad_id", None) or tok.eos_id)
         self.work = {"batches": 0, "rows": 0, "tokens": 0, "decode_steps": 0}
         self._distributed = distributed
@@ -550,7 +557,6 @@ class HarnessLM(TemplateLM):
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out  # type: ignore[return-value]
 
-    @torch.no_grad()
     def _generate(
         self,
         index: int,
@@ -559,61 +565,57 @@ class HarnessLM(TemplateLM):
         until: list[str],
         sampling: tuple[float, int | None, float | None],
     ) -> list[str]:
-        """KV-cache decoding of one left-padded batch; stops when every row has emitted EOS or met a stop sequence.
+        """One left-padded batch through :func:`~lightning_llm.nn.generation.generate`: each row stops at EOS or at
+        its first stop sequence (:meth:`_stop_test`), the batch when every row has stopped.
 
         Batches stay full (``batch_size`` rows, not :meth:`_batches`' padding-driven cuts): a decoding step costs
         about the same for 1 or 16 rows (measured on CPU: ~4 ms, the time of ~60 prompt tokens), so fewer, fuller
         batches beat less padding in the prompts.
-
-        Greedy decoding takes the first maximum of the float32 logits, as Hugging Face's ``generate`` (argmax) does
-        (no log-softmax: nothing here needs the probabilities). A row's stop sequences are looked for in the decoded
-        text of its newest tokens only (a window of ``4 x`` the longest stop's characters + 4 tokens: a character
-        is at most 4 byte-level tokens); a hit is confirmed on the row's whole text. The window only decides when
-        a row stops early; the text is cut at the first stop sequence of the whole row afterwards either way.
         """
-        from lightning_llm.nn.generation import left_pad, sample_next
+        from lightning_llm.nn.generation import generate
 
         temperature, top_k, top_p = sampling
-        model = self.module
-        ids, mask = left_pad(prompts, self.pad_id, self.device)  # (B, P), (B, P)
-        b, p = ids.shape
-        self._count(b, p)
-        cache = model.new_kv_cache(b, p + max_new)
-        seq_mask = torch.ones((b, p + max_new), dtype=mask.dtype, device=ids.device)  # (B, P + N)
-        seq_mask[:, :p] = mask
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(self.seed + 1_000_003 * index)
         stops = [s for s in until if s]
-        window = 4 * max((len(s) for s in stops), default=0) + 4
-        live = set(range(b))
-        new: list[list[int]] = [[] for _ in range(b)]
-        step = ids
-        eot = self.eot_token_id
-        for i in range(max_new):
-            self.work["decode_steps"] += i > 0
-            hidden = model(step, attention_mask=seq_mask[:, : p + i], kv_cache=cache, return_hidden=True)[:, -1]
-            logits = model.logits(hidden).float()  # (B, V)
-            if temperature > 0:
-                token, _ = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            else:
-                token = logits.max(dim=-1).indices  # (B,): the first maximum, as argmax, ~3x faster on CPU
-            finished = []
-            tokens = token.tolist()
-            for r in sorted(live):
-                t = tokens[r]
-                new[r].append(t)
-                if t == eot or (
-                    stops
-                    and any(s in self.tok_decode(new[r][-window:]) for s in stops)
-                    and any(s in self.tok_decode(new[r]) for s in stops)
-                ):
-                    finished.append(r)
-            live.difference_update(finished)
-            if not live:
-                break
-            step = token[:, None]  # (B, 1); finished rows go on computing, their tokens are ignored
-        return [self.tok_decode(row) for row in new]
+        out = generate(
+            self.module,
+            prompts,
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=self.eot_token_id,
+            pad_id=self.pad_id,
+            generator=generator,
+            compile=self.compile,
+            stop=self._stop_test(stops) if stops else None,
+        )
+        self._count(len(prompts), out.prompt_length)
+        self.work["decode_steps"] += out.responses.shape[1] - 1
+        lengths = out.response_mask.sum(1).tolist()  # each row's tokens up to its EOS / stop, inclusive
+        return [self.tok_decode(row[:n]) for row, n in zip(out.responses.tolist(), lengths)]
+
+    def _stop_test(self, stops: list[str]) -> Callable[[torch.Tensor, torch.Tensor], list[bool]]:
+        """``generate``'s ``stop``: True for each running row whose text contains one of ``stops``.
+
+        At each step only the text of a row's newest tokens is decoded (a window of ``4 x`` the longest stop's
+        characters + 4 tokens: a character is at most 4 byte-level tokens); a hit there is confirmed on the row's
+        whole text. The window decides only when a row stops; the text is cut at its first stop sequence afterwards
+        either way (``postprocess_generated_text``).
+        """
+        window = 4 * max(len(s) for s in stops) + 4
+
+        def stop(responses: torch.Tensor, finished: torch.Tensor) -> list[bool]:
+            whole = responses.shape[1] <= window
+            hits = []
+            for r, (tail, done) in enumerate(zip(responses[:, -window:].tolist(), finished.tolist())):
+                hit = not done and any(s in self.tok_decode(tail) for s in stops)
+                hits.append(hit and (whole or any(s in self.tok_decode(responses[r].tolist()) for s in stops)))
+            return hits
+
+        return stop
 
 
 def _launched_by_torchrun() -> bool:

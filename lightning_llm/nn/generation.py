@@ -4,7 +4,8 @@ Notation: B batch, P padded prompt length, N new tokens, V vocabulary, S_max cac
 
 Prompts of different lengths are LEFT-padded to P so every row's next token sits in the last column; positions come
 from the attention mask, so padding changes nothing. One prefill pass fills the cache, then each step feeds one token
-per row. A row stops after it emits ``eos_id``; it then receives ``pad_id`` and a 0 in the response mask.
+per row. A row stops after it emits ``eos_id`` or when the ``stop`` callable says so (stop strings, token
+sequences: any test on the tokens generated so far); it then receives ``pad_id`` and a 0 in the response mask.
 Greedy decoding (``temperature=0``) equals recomputing the full sequence at every step and Hugging Face's greedy
 ``generate`` (tested).
 
@@ -20,7 +21,8 @@ PyTorch is mostly Python and kernel-launch overhead:
 * **sampling without filtering ops** when top-k / top-p are off (:func:`sample_next`);
 * **input-major weights while decoding on the CPU** (:func:`input_major_linear_weights`): BLAS multiplies a few rows
   by a contiguous matrix faster than by a transposed one;
-* **few host reads**: only the all-finished test, every :func:`finished_check_interval` steps.
+* **few host reads**: only the all-finished test, every :func:`finished_check_interval` steps (and whatever a
+  ``stop`` callable reads: it runs on the host after every step).
 
 Sharded models (FSDP2, tensor parallelism) and dynamic-NTK RoPE keep the model's own ``forward`` with a growing cache
 (:func:`static_decoding_supported`), which gives the same tokens.
@@ -31,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +55,7 @@ class GenerationOutput:
         response_mask: ``(B, N)`` 1 on generated tokens up to and including EOS.
         logprobs: ``(B, N)`` log-probabilities of the chosen tokens under the sampling distribution (after
             temperature, before top-k/top-p filtering), 0 where ``response_mask`` is 0.
-        finished: ``(B,)`` True where the row emitted EOS.
+        finished: ``(B,)`` True where the row emitted EOS or ``stop`` stopped it.
     """
 
     sequences: torch.Tensor
@@ -157,7 +159,7 @@ def sample_next(
     logits = logits.float()  # (B, V)
     scaled = logits if temperature in (0, 1) else logits / temperature  # (B, V)
     if temperature == 0:
-        token = logits.argmax(-1)
+        token = logits.max(-1).indices  # the first maximum, as argmax (both documented), ~3x faster on CPU
     else:
         if top_k or (top_p is not None and top_p < 1.0):
             probs = filter_logits(scaled, top_k, top_p).softmax(-1)
@@ -371,6 +373,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     compile: bool = False,
+    stop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | Sequence[bool]] | None = None,
 ) -> GenerationOutput:
     """Generate continuations for a batch of prompts.
 
@@ -381,8 +384,8 @@ def generate(
       :func:`_decode_step`, whose shapes never change (it attends over the whole cache with a mask); tokens,
       log-probabilities and masks go into preallocated ``(B, N)`` buffers (no ``torch.cat`` per step); with
       ``eos_id`` the all-finished test reads one flag back per step on CPU (no queue to drain there) and every 8
-      steps on accelerators (each read would wait for the queued kernels), the output then cut at the step where the
-      last row finished.
+      steps on accelerators (each read would wait for the queued kernels; every step with ``stop``), the output then
+      cut at the step where the last row finished.
     * **growing cache** (sharded models, dynamic-NTK RoPE): the model's ``forward`` with ``kv_cache=`` at every step.
     * **no cache** (``use_cache=False``): the whole sequence recomputed at every step, the reference of the tests.
 
@@ -404,6 +407,17 @@ def generate(
             the compilation (tens of seconds on CPU); later calls reuse it. If compiling fails, a warning is issued
             once and decoding continues eagerly. Sampling (``torch.multinomial`` with ``generator``) stays outside
             the graph, so seeded draws follow the same random stream as eager decoding.
+        stop: a test that ends rows early, beside ``eos_id``: after every step, ``stop(responses, finished)`` gets
+            the ``(B, i + 1)`` tokens generated so far (a view: read it, do not keep it; rows stopped earlier hold
+            ``pad_id`` after their last token) and the ``(B,)`` bool ``finished`` (rows already stopped, EOS of this
+            step included: nothing to test there), and returns ``(B,)`` booleans (a tensor on any device, or a
+            list): True stops that row after this step's token, exactly as if it were EOS (kept, with a 1 in the
+            response mask; ``pad_id`` and 0 afterwards; ``finished`` True). The output is cut where the last row
+            stopped. A callable rather than stop token sequences because a stop *string* (lm-evaluation-harness's
+            ``until``) is not a token sequence: it can end inside a token, or be spelled by several tokenizations,
+            so only the decoded text decides; this module stays tokenizer-free, the caller decodes. It runs on the
+            host, outside the compiled step; on accelerators it costs one device-to-host read per step, so with a
+            ``stop`` the all-finished test is read every step too (the read is paid anyway).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(
@@ -441,7 +455,8 @@ def generate(
     logprobs = torch.zeros((b, n_new), dtype=torch.float32, device=device)  # (B, N)
     response_mask = torch.ones((b, n_new), dtype=torch.long, device=device)  # (B, N)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    check_every = finished_check_interval(device)
+    stopping = eos_id is not None or stop is not None  # rows may stop before max_new_tokens
+    check_every = 1 if stop is not None else finished_check_interval(device)
     static = use_cache and static_decoding_supported(model)
     cache = None
     if use_cache:
@@ -490,21 +505,24 @@ def generate(
                 hidden = model(seq[:, : p + i], attention_mask=seq_mask[:, : p + i], return_hidden=True)[:, -1]
                 logits = _last_logits(model, hidden)
             token, logprob = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
-            if eos_id is not None:
+            if stopping:
                 token = token.masked_fill(finished, pad_id)
                 logprob = logprob.masked_fill(finished, 0.0)
                 response_mask[:, i] = ~finished
-                finished |= token == eos_id  # finished rows hold pad_id now (and stay finished)
+                if eos_id is not None:
+                    finished |= token == eos_id  # finished rows hold pad_id now (and stay finished)
             seq[:, p + i] = token
             logprobs[:, i] = logprob
             steps = i + 1
-            if eos_id is not None and steps % check_every == 0 and bool(finished.all()):
+            if stop is not None:
+                finished |= torch.as_tensor(stop(seq[:, p : p + steps], finished.clone()), device=device).bool()
+            if stopping and steps % check_every == 0 and bool(finished.all()):
                 break
     model.train(was_training)
     if static:
         _release_static_cache(model, cache)
     n = steps
-    if eos_id is not None and bool(finished.all()):  # cut after the step at which the last row finished
+    if stopping and bool(finished.all()):  # cut after the step at which the last row finished
         n = int(response_mask[:, :steps].any(0).sum())  # columns with a live row: a prefix once all finish
     return GenerationOutput(
         sequences=seq[:, : p + n].contiguous(),

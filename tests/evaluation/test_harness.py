@@ -511,6 +511,40 @@ def test_generation_stops_when_every_row_has_met_a_stop_sequence(tiny_dir):
     assert ours.work["batches"] == 1 and ours.work["decode_steps"] < 24 - 1  # stopped before max_gen_toks
 
 
+def test_generation_through_generate_and_its_compiled_step_matches_hflm(tiny_dir, monkeypatch):
+    """``generate_until`` decodes with ``nn.generation.generate`` (its ``stop`` hook ends rows at multi-character stop
+    strings) and, with ``compile=True``, with its compiled decode step: HFLM's generations either way, over uneven
+    batches (3 + 2 rows) where rows stop at a one-token stop, at a stop spanning tokens ("on the") or at EOS."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    import lightning_llm.nn.generation as generation
+    from lightning_llm.evaluation import HarnessLM
+
+    kwargs = {"until": ["sea", "on the"], "max_gen_toks": 10, "do_sample": False}
+    prompts = ["she sells", "the rain", "a stitch in time", "all that", "the early bird catches the"]
+
+    def requests():
+        return [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)]
+
+    ref = HFLM(pretrained=str(tiny_dir), batch_size=3, device="cpu").generate_until(requests())
+    assert ref[:2] == [" ", " in spain falls mainly "]  # cut at "sea" and at "on the"
+    calls = []
+    original = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **kw: calls.append(kw["stop"]) or original(*a, **kw))
+    assert HarnessLM(str(tiny_dir), batch_size=3, device="cpu").generate_until(requests()) == ref
+    assert len(calls) == 2 and all(callable(stop) for stop in calls)
+    monkeypatch.setattr(generation, "_COMPILE_BACKEND", "aot_eager")  # the traced graph, without a C++ build
+    monkeypatch.setattr(generation, "_compiled_steps", {})
+    torch._dynamo.reset()
+    compiled = HarnessLM(str(tiny_dir), batch_size=3, device="cpu", compile=True)
+    assert compiled.generate_until(requests()) == ref
+    assert "cpu" in generation._compiled_steps and generation._compile_error is None
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="compile"):
+        HarnessLM(str(tiny_dir), device="cpu", compile="yes")
+
+
 def test_distributed_argument_errors(tiny_dir):
     from lightning_llm.evaluation import HarnessLM
 

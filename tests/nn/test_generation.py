@@ -165,6 +165,67 @@ def test_all_rows_finish_early_stops_loop() -> None:
     assert out.responses.shape[1] == stop and out.finished.all()
 
 
+def _ends_with(seq: list[int]):
+    """A ``stop`` callable: rows whose generated tokens end with ``seq`` (checked only on rows still running)."""
+    calls = []
+
+    def stop(responses: torch.Tensor, finished: torch.Tensor) -> list[bool]:
+        calls.append(finished.clone())
+        return [not done and row[-len(seq) :] == seq for row, done in zip(responses.tolist(), finished.tolist())]
+
+    return stop, calls
+
+
+@pytest.mark.parametrize("path", ["static", "growing", "recompute"])
+def test_stop_callable_stops_rows_at_a_token_sequence(path: str, monkeypatch) -> None:
+    """Rows stop right after a two-token stop sequence (kept, then padding), the others run to max_new_tokens: the
+    expected outputs are cut from the plain recompute loop's free continuations, row by row."""
+    import lightning_llm.nn.generation as generation
+
+    if path == "growing":
+        monkeypatch.setattr(generation, "static_decoding_supported", lambda model: False)
+    model = model_for("rope", seed=3)
+    n, pad = 12, 52
+    free = [greedy_by_recompute(model, prompt, n) for prompt in PROMPTS]
+    seq = free[0][3:5]  # row 0 meets it at step 4 at the latest
+    stop, calls = _ends_with(seq)
+    out = generate(
+        model, PROMPTS, max_new_tokens=n, temperature=0, pad_id=pad, stop=stop, use_cache=path != "recompute"
+    )
+    ends = []
+    for ref in free:
+        hit = [j + len(seq) for j in range(n - len(seq) + 1) if ref[j : j + len(seq)] == seq]
+        ends.append(hit[0] if hit else n)
+    width = out.responses.shape[1]
+    assert width == (max(ends) if all(e < n for e in ends) else n)
+    for row, (ref, end) in enumerate(zip(free, ends)):
+        assert out.responses[row].tolist() == (ref[:end] + [pad] * n)[:width]
+        assert out.response_mask[row].tolist() == ([1] * end + [0] * n)[:width]
+        assert bool(out.finished[row]) == (end < n)
+    assert ends[0] <= 5 and any(e == n for e in ends)  # the test covers a stopped row and a row that runs on
+    # the callable sees the rows stopped at earlier steps as finished
+    assert not calls[0].any() and calls[ends[0]][0] and len(calls) == width
+
+
+def test_stop_callable_and_eos_together() -> None:
+    """EOS and the stop callable both end rows; a tensor answer works as a list does; all rows stopped: cut."""
+    model = model_for("alibi", seed=4)
+    free = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
+    ref = free.responses[1].tolist()
+    end = next(j for j in range(2, 10) if ref[j] not in ref[:j]) + 1  # row 1 ends at its first new token after 2
+    eos = ref[end - 1]
+    first = free.responses[:, 0]
+
+    def stop_after_one(responses: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        return torch.arange(len(PROMPTS)) != 1  # every row but row 1, at the first step
+
+    out = generate(model, PROMPTS, max_new_tokens=10, temperature=0, eos_id=eos, pad_id=52, stop=stop_after_one)
+    assert out.finished.all() and out.responses.shape[1] == end
+    assert out.responses[:, 0].equal(first)
+    assert out.response_mask.sum(1).tolist() == [1, end, 1, 1]
+    assert out.responses[1].tolist() == ref[:end]
+
+
 def test_greedy_logprobs_match_forward() -> None:
     model = model_for("learned", seed=5)
     out = generate(model, PROMPTS[:2], max_new_tokens=5, temperature=0)
