@@ -129,6 +129,27 @@ def _rollout(payload: dict) -> list[str]:
     ]
 
 
+@renders("quickstart_cpu")
+def _quickstart(payload: dict) -> list[str]:
+    fit = payload["rows"][0]
+    lines = table(
+        ["command", "wall s", "exit status", "val ppl", "unigram ppl", "ratio"],
+        [[f"`{fit['command']}`", fit["wall_s"], fit["exit_status"], fit["val_ppl"], fit["unigram_ppl"], fit["ratio"]]],
+    )
+    summary = payload.get("report_summary") or {}
+    if summary:
+        ev = payload["rows"][1]
+        lines += [
+            "",
+            f"`{ev['command']}` ({ev['wall_s']} s, exit status {ev['exit_status']}), the report's summary:",
+            "",
+        ]
+        lines += table(["metric", "value"], [[k, f"{v:.4g}"] for k, v in summary.items()])
+    before = payload.get("load_average_before")
+    load = f"load average {before:.2f} before, " if before is not None else ""
+    return lines + ["", f"Measured with a fresh cache in an empty folder ({load}{provenance(payload)[1:]}."]
+
+
 def render(name: str) -> str:
     path = RESULTS / f"{name}.json"
     if name not in RENDERERS:
