@@ -430,6 +430,7 @@ class Transformer(nn.Module):
         return AttentionInputs(cos=cos, sin=sin, mask=mask, q_pos=q_pos, k_pos=k_pos, is_causal=is_causal)
 
     # ------------------------------------------------------------------------------------------------ forward
+    @torch.compiler.disable  # host-side values: runs eagerly, one graph break, the rest of forward stays traceable
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got shape {tuple(input_ids.shape)}.")

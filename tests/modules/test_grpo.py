@@ -358,3 +358,21 @@ def test_compiled_generation_rollouts_equal_eager_rollouts(monkeypatch):
 def test_compile_generation_argument_is_checked():
     with pytest.raises(ValueError, match=r"GRPO: `compile_generation` must be True, False or None"):
         _module(GRPO, _prompts(), compile_generation="yes")
+
+
+def test_completion_logprobs_equal_the_full_forward():
+    """Only the completion positions are projected to the vocabulary: the same log-probabilities (1e-6) and entropies
+    as log-softmax over the full forward's logits."""
+    from lightning_llm.ops import token_logprobs
+
+    dm = _prompts()
+    m = _module(GRPO, dm, temperature=0.7)
+    roll = m.rollout(*_batch(dm).values())
+    seq, p, mask = roll.sequences, roll.prompt_length, roll.completion_mask
+    logp, entropy = m.completion_logprobs(m.policy, seq, roll.attention_mask, p, mask, with_entropy=True)
+    logits = m.policy(seq, attention_mask=roll.attention_mask)[:, p - 1 : -1].float() / 0.7  # (B, N, V)
+    expected = torch.where(mask, token_logprobs(logits, seq[:, p:]), 0.0)
+    torch.testing.assert_close(logp, expected, atol=1e-6, rtol=0)
+    probs = logits.softmax(-1)
+    full_entropy = torch.where(mask, -(probs * logits.log_softmax(-1)).sum(-1), 0.0)
+    torch.testing.assert_close(entropy, full_entropy, atol=1e-5, rtol=0)

@@ -170,3 +170,20 @@ def test_forward_bad_inputs() -> None:
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 3))
     with pytest.raises(ValueError, match="targets"):
         model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_compiled_forward_still_checks_ids():
+    """``_check_ids`` runs eagerly under ``torch.compile`` (one graph break, not a trace of its host-side values): a
+    compiled model rejects out-of-vocabulary ids as the eager one does, and computes the same outputs."""
+    torch._dynamo.reset()
+    cfg = TransformerConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    compiled = torch.compile(model, backend="eager", dynamic=True)
+    ids = torch.randint(0, 32, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, attention_mask=mask), model(ids, attention_mask=mask))
+        with pytest.raises(ValueError, match="vocab_size"):
+            compiled(torch.full((2, 6), 40), attention_mask=mask)
