@@ -17,7 +17,7 @@ One ``training_step`` = one generation batch (manual optimisation):
    micro-batches, gradients clipped to ``max_grad_norm``. GRPO: the per-token clipped ratio objective plus
    ``beta * KL_k3`` to the reference, aggregated by ``loss_type`` (:func:`lightning_llm.rlhf.grpo_loss`; ``dapo``
    divides by the active tokens of the whole generation batch, averaged over processes, as TRL). RLOO: the
-   sequence-level clipped ratio (:func:`lightning_llm.rlhf.rloo_loss`).
+   sequence-level clipped ratio (:func:`lightning_llm.rlhf.policy_loss` with ``level="sequence"``).
 
 ``beta == 0`` (GRPO's default) builds no reference model. ``mask_truncated_completions`` drops completions that did
 not emit EOS from the loss (DAPO). With one update per generation the sampling log-probabilities are not computed
@@ -48,7 +48,7 @@ from lightning_llm.rlhf.advantages import (
     rloo_advantages,
     sequence_kl_penalized_scores,
 )
-from lightning_llm.rlhf.losses import GRPO_LOSS_TYPES, grpo_loss, rloo_loss
+from lightning_llm.rlhf.losses import GRPO_LOSS_TYPES, grpo_loss, policy_loss
 from lightning_llm.rlhf.rewards import reward_function_name
 from lightning_llm.rlhf.rollout import GroupRollout
 
@@ -361,13 +361,14 @@ class RLOO(_GroupRL):
     def loss(
         self, roll: GroupRollout, logp: torch.Tensor, num_items: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return rloo_loss(
+        return policy_loss(
             logp,
             roll.old_logprobs,
             roll.advantages,
             roll.loss_mask,
             clip_eps=self.epsilon,
             clip_eps_high=self.epsilon_high,
+            level="sequence",
         )
 
     def rollout_stats(self, roll: GroupRollout) -> dict[str, torch.Tensor]:

@@ -38,7 +38,6 @@ from lightning_llm.rlhf.losses import (
     dpo_loss,
     grpo_loss,
     policy_loss,
-    rloo_loss,
     value_loss,
 )
 from lightning_llm.rlhf.stats import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
@@ -72,7 +71,6 @@ __all__ = [
     "policy_loss",
     "random_walk_td0",
     "rloo_advantages",
-    "rloo_loss",
     "sequence_kl_penalized_scores",
     "sequence_logprob_sum",
     "sequence_logprobs",

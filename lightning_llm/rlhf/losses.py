@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lightning_llm.rlhf._validation import (
     check_choice,
@@ -61,8 +62,17 @@ def policy_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss, ``masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``.
+
+    ``level`` says what one importance ratio covers. ``"token"`` (PPO, the default): one ratio per token, the loss a
+    masked mean over the valid tokens. ``"sequence"`` (RLOO, as TRL 1.16's ``RLOOTrainer``): one ratio per sequence,
+    ``rho_i = exp(sum_t logp_it - sum_t old_logp_it)`` over its valid tokens, and
+    ``loss = mean_i -min(rho_i A_i, clip(rho_i, 1 - eps_low, 1 + eps_high) A_i)``; the KL to the reference is then
+    not in the loss but in the reward (``r - beta * KL_seq``) before the leave-one-out baseline
+    (:func:`~lightning_llm.rlhf.advantages.rloo_advantages`). The same clipped objective either way; the level only
+    decides whether a token's or a whole completion's probability change is clipped.
 
     Args:
         logp: ``(B, T)`` log-probabilities of the sampled tokens under the current policy (with gradient).
@@ -72,9 +82,13 @@ def policy_loss(
         mask: ``(B, T)`` True on response tokens.
         clip_eps: clip range ``eps`` > 0 (default 0.2).
         clip_eps_high: upper clip range if different ("clip-higher", DAPO); default ``clip_eps``.
+        level: ``"token"`` or ``"sequence"`` (see above). At the sequence level ``advantages`` must be ``(B,)`` and
+            ``old_logp`` may be given as its ``(B,)`` masked sums.
 
     Returns:
-        ``(loss, stats)``: the scalar loss and a dict of detached scalars, all masked means over valid tokens:
+        ``(loss, stats)``: the scalar loss and a dict of detached scalars. At the sequence level: ``clip_ratio_low``,
+        ``clip_ratio_high``, ``clip_ratio_region`` (fractions of sequences, TRL's RLOO names) and ``ratio_mean``. At
+        the token level, all masked means over valid tokens:
 
         * ``clipfrac``: fraction of tokens where the clipped term is the active one (``-A*clip(ratio) > -A*ratio``,
           TRL's definition);
@@ -83,6 +97,9 @@ def policy_loss(
         * ``ratio_mean`` and ``ratio_max``: of ``ratio`` over valid tokens.
     """
     fn = "policy_loss"
+    if check_choice(fn, "level", level, ("token", "sequence")) == "sequence":
+        eps_low, eps_high = _clip_range(fn, clip_eps, clip_eps_high)
+        return _sequence_policy_loss(fn, logp, old_logp, advantages, mask, eps_low, eps_high)
     check_float(fn, "logp", logp, ndim=2)
     check_float(fn, "old_logp", old_logp, ndim=2)
     check_same_shape(fn, logp=logp, old_logp=old_logp)
@@ -261,39 +278,15 @@ def grpo_loss(
     return loss, stats
 
 
-def rloo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """RLOO's clipped objective at the sequence level, as TRL 1.16's ``RLOOTrainer``.
-
-    ``rho_i = exp(sum_t logp_it - sum_t old_logp_it)`` over each sequence's valid tokens, and
-    ``loss = mean_i -min(rho_i A_i, clip(rho_i, 1 - eps_low, 1 + eps_high) A_i)``. The KL to the reference is not in
-    the loss: it enters the reward (``r - beta * KL_seq``) before the leave-one-out baseline
-    (:func:`~lightning_llm.rlhf.advantages.rloo_advantages`).
-
-    Args:
-        logp: ``(B, T)`` current log-probabilities of the sampled tokens (with gradient).
-        old_logp: ``(B, T)`` sampling-time log-probabilities, or ``(B,)`` their masked sums.
-        advantages: ``(B,)`` sequence advantages.
-        mask: ``(B, T)`` True on the tokens that count.
-        clip_eps, clip_eps_high: clip range (TRL's ``epsilon`` / ``epsilon_high``).
-
-    Returns:
-        ``(loss, stats)`` with ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region`` (fractions of sequences)
-        and ``ratio_mean``.
-    """
-    fn = "rloo_loss"
+def _sequence_policy_loss(
+    fn: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float, eps_high: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`policy_loss` at ``level="sequence"``: ``(loss, stats)`` with one importance ratio per sequence."""
     check_float(fn, "logp", logp, ndim=2)
     check_float(fn, "old_logp", old_logp, ndim=(1, 2))
     check_float(fn, "advantages", advantages, ndim=1)
     mask = check_mask(fn, mask, logp.shape)
     check_rows(fn, "advantages", advantages, logp)
-    eps_low, eps_high = _clip_range(fn, clip_eps, clip_eps_high)
     check_finite(fn, "advantages", advantages)
     if old_logp.dim() == 2:
         check_same_shape(fn, logp=logp, old_logp=old_logp)

@@ -331,10 +331,10 @@ def test_grpo_loss_errors():
 
 
 @pytest.mark.parametrize("eps_high", [None, 0.28])
-def test_rloo_loss_equals_trl_compute_loss(eps_high):
+def test_sequence_level_policy_loss_equals_trl_rloo_compute_loss(eps_high):
     from trl import RLOOTrainer
 
-    from lightning_llm.rlhf import rloo_loss
+    from lightning_llm.rlhf import policy_loss
 
     logp, old, _, adv, mask = _grpo_inputs(seed=1, truncate_row=0)
     old = logp.detach() + 0.5 * (old - logp.detach())  # sequence ratios inside and outside the clip range
@@ -342,12 +342,16 @@ def test_rloo_loss_equals_trl_compute_loss(eps_high):
     trainer = _trl_minimal(RLOOTrainer, logp, epsilon_low=0.2, epsilon_high=0.2 if eps_high is None else eps_high)
     expected = trainer._compute_loss(None, _trl_inputs(logp, mask, adv, old_logps=old_seq))
     (g_expected,) = torch.autograd.grad(expected, logp)
-    ours, stats = rloo_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=eps_high)
+    ours, stats = policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=eps_high, level="sequence")
     (g_ours,) = torch.autograd.grad(ours, logp)
     assert abs(float(ours.detach()) - float(expected.detach())) < 1e-6
     torch.testing.assert_close(g_ours, g_expected, rtol=1e-6, atol=1e-9)
-    ours_seq, _ = rloo_loss(logp, old_seq, adv, mask, clip_eps=0.2, clip_eps_high=eps_high)  # (B,) old sums
+    ours_seq, _ = policy_loss(
+        logp, old_seq, adv, mask, clip_eps=0.2, clip_eps_high=eps_high, level="sequence"
+    )  # (B,) old sums
     assert abs(float(ours_seq.detach()) - float(expected.detach())) < 1e-6
     metrics = trainer._metrics["train"]
     assert float(stats["clip_ratio_region"]) == pytest.approx(metrics["clip_ratio/region_mean"][-1], abs=1e-6)
     assert 0 < float(stats["clip_ratio_region"]) < 1
+    with pytest.raises(ValueError, match=r"policy_loss: `level` must be one of \['token', 'sequence'\], got 'seq'"):
+        policy_loss(logp, old, adv, mask, level="seq")
