@@ -369,20 +369,26 @@ class OnlineRLModule(LLMModule):
 
     # -------------------------------------------------------------------------------------------- logging
     def log_rollout(self, roll: Any, logs: dict[str, torch.Tensor]) -> None:
-        """Count the rollout, log its statistics as ``train/<key>`` (synchronised, per step) and ``train/rollout``,
-        and log sample completions at the first rollout and every ``log_completions_every_n_steps``."""
+        """Count the rollout, log its statistics as ``train/<key>`` (averaged over the ranks) and ``train/rollout``,
+        and log sample completions at the first rollout and every ``log_completions_every_n_steps``.
+
+        The progress-bar statistics (the reward and the KL) are logged at every step; the others only at the steps
+        whose metrics the Trainer writes (``log_every_n_steps``; every step when there is no such schedule). A logger
+        receives exactly what it would if every statistic were logged at every step (Lightning writes a step's
+        ``on_step`` value only at those steps; in between it is overwritten unseen), while a step saves ~0.3 ms of
+        Lightning bookkeeping per statistic skipped (~4 ms of a 50 ms GRPO iteration at the benchmark's size). All
+        statistics go through ONE collective (stacked), not one per key.
+        """
         self.rollouts_done += 1
         bs = len(roll)
-        for k, v in logs.items():
-            self.log(
-                f"train/{k}",
-                v.float().to(self.device),
-                prog_bar=k in (self.reward_key, "kl"),
-                batch_size=bs,
-                sync_dist=True,
-                on_step=True,
-                on_epoch=False,
-            )
+        bar = (self.reward_key, "kl")
+        should_log = getattr(getattr(self.trainer, "_logger_connector", None), "should_update_logs", True)
+        names = [k for k in logs if should_log or k in bar]
+        if names:
+            stacked = torch.stack([logs[k].detach().float().reshape(()).to(self.device) for k in names])  # (K,)
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+            for k, v in zip(names, stacked.unbind()):
+                self.log(f"train/{k}", v, prog_bar=k in bar, batch_size=bs, on_step=True, on_epoch=False)
         self.log("train/rollout", float(self.rollouts_done), batch_size=bs, on_step=True, on_epoch=False)
         every = self.hparams.log_completions_every_n_steps
         if every and (self.rollouts_done == 1 or self.rollouts_done % every == 0):

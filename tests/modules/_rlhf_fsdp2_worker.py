@@ -206,6 +206,7 @@ def make_trainer(
         num_sanity_val_steps=0,
         check_val_every_n_epoch=1000,
         logger=False,
+        log_every_n_steps=1,  # every statistic in callback_metrics at every step (they are compared per step)
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(root),

@@ -113,6 +113,7 @@ def run(name: str, layout: str, args) -> None:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
+        log_every_n_steps=1,  # every statistic in callback_metrics at every step (they are compared per step)
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

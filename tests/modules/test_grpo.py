@@ -174,7 +174,8 @@ def test_learns_at_tiny_size(cls):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rewards.append(float(trainer.callback_metrics["train/reward"]))
 
-    trainer = L.Trainer(max_epochs=1, callbacks=[Record()], **TRAINER_KW)
+    # every 5th step (the last one included) is a logging step: the secondary statistics are in callback_metrics then
+    trainer = L.Trainer(max_epochs=1, callbacks=[Record()], log_every_n_steps=5, **TRAINER_KW)
     trainer.fit(m, datamodule=dm)
     assert len(rewards) == 20
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
@@ -376,3 +377,28 @@ def test_completion_logprobs_equal_the_full_forward():
     probs = logits.softmax(-1)
     full_entropy = torch.where(mask, -(probs * logits.log_softmax(-1)).sum(-1), 0.0)
     torch.testing.assert_close(entropy, full_entropy, atol=1e-5, rtol=0)
+
+
+def test_statistics_reach_the_logger_as_if_logged_every_step(tmp_path):
+    """Secondary statistics are logged only on the Trainer's logging steps (the reward and KL every step): the CSV
+    written with ``log_every_n_steps=3`` holds, at each of its steps, every statistic with the value that a run logging
+    at every step (the reference: ``log_every_n_steps=1``, same seed, same training) wrote at that step."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(every: int) -> dict[int, dict[str, str]]:
+        L.seed_everything(0, verbose=False)
+        dm = _prompts(n=24, batch=4)
+        m = _module(GRPO, dm)
+        logger = CSVLogger(tmp_path, name=f"every{every}")
+        kw = {**TRAINER_KW, "logger": logger, "log_every_n_steps": every}
+        L.Trainer(max_epochs=1, **kw).fit(m, datamodule=dm)
+        with open(logger.experiment.metrics_file_path) as f:
+            return {int(r["step"]): {k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)}
+
+    every_step, sparse = run(1), run(3)
+    assert sorted(every_step) == list(range(6)) and sorted(sparse) == [2, 5]
+    for step, row in sparse.items():
+        assert row == every_step[step], step
+        assert {"train/reward", "train/entropy", "train/completion_length", "train/reward_std"} <= set(row)
