@@ -150,6 +150,36 @@ def _quickstart(payload: dict) -> list[str]:
     return lines + ["", f"Measured with a fresh cache in an empty folder ({load}{provenance(payload)[1:]}."]
 
 
+@renders("grpo_cpu")
+def _grpo(payload: dict) -> list[str]:
+    rows = [[r["metric"], f"{r['ours']:.4g}", f"{r['trl']:.4g}", f"{r['speedup']:.2f}x"] for r in payload["rows"]]
+    lines = table(["metric", "ours", "TRL", "ours vs TRL"], rows)
+    phases = payload.get("phases") or {}
+    if phases:
+        lines += ["", "Where an iteration's wall time goes (seconds, median over the timed iterations):", ""]
+        lines += table(
+            ["phase", "ours", "TRL"],
+            [[n, f"{phases['ours'][n]:.4f}", f"{phases['trl'][n]:.4f}"] for n in phases["ours"]],
+        )
+    return lines + ["", f"Setting: {payload.get('setting', '?')}. Measured {provenance(payload)}."]
+
+
+@renders("harness_cpu")
+def _harness(payload: dict) -> list[str]:
+    def fmt(metrics: dict) -> str:
+        return ", ".join(f"{k} {v:.6g}" for k, v in metrics.items())
+
+    rows = [
+        [r["kind"], r["requests"], f"{r['lm_seconds']['HFLM']:.2f}", f"{r['lm_seconds']['HarnessLM']:.2f}",
+         f"{r['lm_speedup']:.2f}x", f"{r['lm_cpu_speedup']:.2f}x", f"{r['speedup']:.2f}x", r["agree"],
+         fmt(r["results"]["HarnessLM"])]
+        for r in payload["rows"]
+    ]  # fmt: skip
+    header = ["request type", "requests", "model calls: HFLM s", "HarnessLM s", "speed-up", "CPU-time speed-up",
+              "simple_evaluate speed-up", "results agree", "HarnessLM's results"]  # fmt: skip
+    return table(header, rows) + ["", f"Measured {provenance(payload)}."]
+
+
 def render(name: str) -> str:
     path = RESULTS / f"{name}.json"
     if name not in RENDERERS:
