@@ -402,9 +402,13 @@ def _row(
     norm = cfg.n_embd * (2 if cfg.norm == "layernorm" else 1)
     head_rest = _rest_params(cfg, non_embedding=True)  # final norm, untied head, lm-head bias, embedding norm
 
+    # a reward / value backbone keeps its untied lm_head (and its bias) in the state dict, frozen: it scores through
+    # the scalar head and never projects to the vocabulary (modules.reward_model.freeze_lm_head)
+    frozen_head = 0 if cfg.tie_embeddings else cfg.padded_vocab_size * (cfg.n_embd + (1 if cfg.lm_head_bias else 0))
+
     def stage_params(role: _Role) -> tuple[float, float]:
         """(parameters on the busiest stage, of which trainable), per tensor-parallel rank."""
-        rest_head = norm + cfg.n_embd + 1 if role.scalar_head else head_rest
+        rest_head = head_rest + cfg.n_embd + 1 if role.scalar_head else head_rest  # + the (h -> 1) head with bias
         rest = emb + rest_head if p == 1 else max(emb, rest_head + (emb if cfg.tie_embeddings else 0))
         total = blk_local + rest
         if not role.trainable:
@@ -412,7 +416,7 @@ def _row(
         if lora_rank:
             adapters = layers * _lora_params_per_block(cfg, lora_rank) / t
             return total + adapters, adapters
-        return total, total
+        return total, total - (frozen_head if role.scalar_head else 0)
 
     # ---------------------------------------------------------------------------------------------- memory
     shard = {"ddp": 1, "shard_grad_op": d, "full_shard": d, "hybrid": layout.shard_group}[layout.sharding]

@@ -447,3 +447,21 @@ def test_plan_command_cli_arguments():
     assert args.serve_lengths == [4096, 8192]
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "X", "--hardware", "tpu_v9"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_scalar_head_model_counts_match_the_module(tied):
+    """The planner's reward-model row holds what RewardModel builds: every parameter (its untied lm_head kept, frozen)
+    in the weights, only the trainable ones in gradients and AdamW state (counted on the module itself)."""
+    from lightning_llm.modules import RewardModel
+
+    cfg = TransformerConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64, tie_embeddings=tied)
+    kw = dict(precision="32-true", micro_batch_size=2, seq_len=64, activation_checkpointing=False)
+    row = _rows(plan(cfg, 2, module="reward_model", tensor_parallel_sizes=(), pipeline_sizes=(), **kw))[("DDP", False)]
+    module = RewardModel(config=cfg)
+    module.configure_model()
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert (total > trainable) is not tied  # untied: the frozen lm_head
+    assert row["params_bytes"] == 4 * total
+    assert row["grads_bytes"] == 4 * trainable and row["optimizer_bytes"] == 8 * trainable
