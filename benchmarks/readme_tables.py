@@ -180,6 +180,42 @@ def _harness(payload: dict) -> list[str]:
     return table(header, rows) + ["", f"Measured {provenance(payload)}."]
 
 
+@renders("lambada_harness_cpu")
+def _lambada(payload: dict) -> list[str]:
+    rows = [[r["impl"], f"{r['min_s']:.2f}", f"{r['speedup']:.2f}x", f"{r['acc']:.4f}", f"{r['ppl']:.4f}"]
+            for r in payload["rows"]]  # fmt: skip
+    return table(["implementation", "seconds", "speed-up", "accuracy", "ppl"], rows) + [
+        "",
+        f"Measured {provenance(payload)}.",
+    ]
+
+
+@renders("pipeline_cpu", "pipeline_cpu_4proc")
+def _pipeline(payload: dict) -> list[str]:
+    def fmt(value: object, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
+    rows = [
+        [r["config"], f"{r['step_s'] * 1e3:.1f}", fmt(r.get("bubble"), ".3f"),
+         fmt(r.get("model_step_s") and r["step_s"] / r["model_step_s"], ".2f"),
+         f"{r['state_bytes_max_rank'] / 2**20:.2f}", fmt(r.get("states_vs_ddp"), ".2f"), f"{r['last_loss']:.5f}"]
+        for r in payload["rows"]
+    ]  # fmt: skip
+    header = ["config", "step ms", "bubble", "measured / bubble model", "states MiB per rank", "vs DDP", "last loss"]
+    return table(header, rows) + ["", f"Measured {provenance(payload)}."]
+
+
+@renders("distributed_cpu")
+def _distributed(payload: dict) -> list[str]:
+    rows = [
+        [r["strategy"], f"{r['states/rank MiB']:.2f}", f"{r['states x DDP']:.3f}", r["tokens/s"], f"{r['tokens/s x DDP']:.2f}",
+         f"{r['final loss']:.5f}"]
+        for r in payload["rows"]
+    ]  # fmt: skip
+    header = ["strategy", "parameters + optimizer state per rank (MiB)", "vs DDP", "tokens/s", "vs DDP", "final loss"]
+    return table(header, rows) + ["", f"Measured {provenance(payload)}."]
+
+
 def render(name: str) -> str:
     path = RESULTS / f"{name}.json"
     if name not in RENDERERS:
