@@ -84,7 +84,7 @@ def _metrics(payload: dict) -> list[str]:
 
 @renders("sft_cpu")
 def _sft(payload: dict) -> list[str]:
-    runs, ratios = payload["rows"], payload["ratios"]
+    runs, ratios = {r["run"]: r for r in payload["rows"]}, payload["ratios"]
     names = {"ours-full": "ours, full", "trl-full": "TRL, full", "ours-lora": "ours, LoRA", "trl-lora": "TRL, LoRA"}
     rows = []
     for key, label in names.items():

@@ -585,7 +585,9 @@ def main() -> None:
         out = {
             "settings": {k: v for k, v in vars(a).items() if k not in ("child", "model_dir", "json")},
             "machine": machine_info(),
-            "rows": rows,
+            "rows": [
+                {"run": kind, **r} for kind, r in [*rows.items(), *((f"{k} (tensors)", v) for k, v in memory.items())]
+            ],
             "runs": runs,
             "ratios": ratios,
             "memory_runs": memory,
