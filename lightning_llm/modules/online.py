@@ -382,11 +382,13 @@ class OnlineRLModule(LLMModule):
         self.rollouts_done += 1
         bs = len(roll)
         bar = (self.reward_key, "kl")
-        should_log = getattr(getattr(self.trainer, "_logger_connector", None), "should_update_logs", True)
+        trainer = self._trainer  # None outside a Trainer: self.log then warns and logs nothing, as before
+        should_log = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True)
         names = [k for k in logs if should_log or k in bar]
         if names:
             stacked = torch.stack([logs[k].detach().float().reshape(()).to(self.device) for k in names])  # (K,)
-            stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+            if trainer is not None:
+                stacked = trainer.strategy.reduce(stacked, reduce_op="mean")
             for k, v in zip(names, stacked.unbind()):
                 self.log(f"train/{k}", v, prog_bar=k in bar, batch_size=bs, on_step=True, on_epoch=False)
         self.log("train/rollout", float(self.rollouts_done), batch_size=bs, on_step=True, on_epoch=False)
