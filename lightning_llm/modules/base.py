@@ -43,6 +43,7 @@ from lightning_llm.config import TransformerConfig
 from lightning_llm.data.tokenizer import Tokenizer, tokenizer_from_state, tokenizer_state
 from lightning_llm.loading import load_pretrained
 from lightning_llm.nn.transformer import Transformer
+from lightning_llm.ops import is_plain
 
 __all__ = ["LLMModule", "check_data_fits", "frozen_copy", "fused_adamw_supported", "warmup_cosine_lambda"]
 
@@ -394,10 +395,7 @@ def fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
         devices.discard("cpu")  # the CPU kernel arrived in torch 2.4
     return all(
-        type(p) in (torch.Tensor, torch.nn.Parameter)
-        and p.layout == torch.strided
-        and p.dtype.is_floating_point
-        and p.device.type in devices
+        is_plain(p) and p.layout == torch.strided and p.dtype.is_floating_point and p.device.type in devices
         for p in params
     )
 

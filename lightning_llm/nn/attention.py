@@ -203,8 +203,8 @@ class CausalSelfAttention(nn.Module):
         ``(B, H, 1, S_max)``, small for one query, and the softmax runs in float32. Used only inside
         ``torch.compile`` (the static decode step of :func:`~lightning_llm.nn.generation.generate`): Inductor fuses
         the products, mask, scaling and softmax into one loop nest, about 3x faster on CPU (measured at the rollout
-        benchmark's size) than its call of SDPA's flash kernel, which is built for long query blocks. Eagerly, SDPA is as fast or faster (measured for 16-64
-        rows, 23-96 slots), so the eager step takes the SDPA path below.
+        benchmark's size) than its call of SDPA's flash kernel, which is built for long query blocks. Eagerly, SDPA is
+        as fast or faster (measured for 16-64 rows, 23-96 slots), so the eager step takes the SDPA path below.
         """
         b, _, _, d = q.shape
         g, s = k.shape[1], k.shape[2]

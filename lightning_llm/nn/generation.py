@@ -41,7 +41,7 @@ import torch
 from lightning_llm.nn.attention import AttentionInputs
 from lightning_llm.nn.kv_cache import KVCache
 from lightning_llm.nn.rope import rope_cos_sin
-from lightning_llm.ops import is_plain
+from lightning_llm.ops import is_plain, log_softmax_gather
 
 
 @dataclass
@@ -152,7 +152,7 @@ def sample_next(
 
     ``temperature == 0`` takes the argmax; otherwise a token is drawn from ``softmax(filter_logits(logits / T))``.
     ``logprob`` is the chosen token's log-probability under ``softmax(logits / T)`` (before filtering; ``T = 1`` when
-    greedy), the quantity PPO rescores: ``log_softmax(logits / T)`` gathered at the token, the formula of
+    greedy), the quantity PPO rescores: :func:`lightning_llm.ops.log_softmax_gather`, the kernel of
     :func:`lightning_llm.ops.token_logprobs` (one ``(B, V)`` row block needs no chunking). With top-k and top-p off
     no filtering op runs at all (no sort, no top-k): the draw is ``multinomial(softmax(logits / T))``.
     """
@@ -166,7 +166,7 @@ def sample_next(
         else:
             probs = scaled.softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    logprob = torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None]).squeeze(-1)  # (B,)
+    logprob = log_softmax_gather(scaled, token)  # (B,)
     return token, logprob
 
 

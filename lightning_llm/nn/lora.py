@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_llm.ops import is_plain
+
 __all__ = [
     "LoraSettings",
     "ReferenceView",
@@ -209,7 +211,7 @@ def _lean_linear_class() -> type:
                     and lora_a.bias is None
                     and lora_b.bias is None
                     and not (base._forward_hooks or base._forward_pre_hooks)
-                    and all(t is None or (_plain(t) and t.dtype == x.dtype and t.device == x.device) for t in tensors)
+                    and all(t is None or (is_plain(t) and t.dtype == x.dtype and t.device == x.device) for t in tensors)
                     and not _autocast_on(x.device.type)
                 ):
                     rows = x.reshape(-1, x.shape[-1])  # (N, in), a view of a contiguous x
@@ -225,11 +227,6 @@ def _lean_linear_class() -> type:
         LeanLoraLinear.__qualname__ = "LeanLoraLinear"  # pickles as lightning_llm.nn.lora.LeanLoraLinear
         _LEAN_LINEAR = LeanLoraLinear
     return _LEAN_LINEAR
-
-
-def _plain(*tensors: torch.Tensor) -> bool:
-    """Dense tensors (not DTensor or another subclass): :class:`_LoraLinearFunction` is for those only."""
-    return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
 
 
 def _autocast_on(device_type: str) -> bool:

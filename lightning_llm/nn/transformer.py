@@ -302,11 +302,18 @@ class Transformer(nn.Module):
     ``forward(input_ids)`` returns logits ``(B, T, V)``; with ``targets`` it returns the mean next-token loss instead
     (computed in chunks inside the forward, so no full float32 logits tensor exists and sharded weights are in place);
     with ``return_hidden=True`` the final normalised hidden states ``(B, T, C)``.
+
+    Attributes:
+        local_kv_heads: the key/value heads this process computes, which :meth:`new_kv_cache` allocates; ``None``
+            (default) means all ``config.n_kv_head``. Tensor parallelism sets it to ``n_kv_head / t``
+            (:func:`~lightning_llm.parallel.apply_tensor_parallel`: each rank's ``k_proj`` / ``v_proj`` output only
+            its own contiguous slice of the heads).
     """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
+        self.local_kv_heads: int | None = None
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
         self.emb_norm = make_norm(config) if config.embedding_norm else None
@@ -524,7 +531,7 @@ class Transformer(nn.Module):
         return KVCache(
             self.config.n_layer,
             batch_size,
-            self.config.n_kv_head,
+            self.local_kv_heads or self.config.n_kv_head,
             max_length,
             self.config.head_dim,
             device=device or p.device,

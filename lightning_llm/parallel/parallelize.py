@@ -12,7 +12,6 @@ Notation: t tensor-parallel size, d data-parallel size, H query heads.
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -131,8 +130,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> nn.Module:
     q/k/v and MLP up/gate are split by output features (``ColwiseParallel``: each rank owns a contiguous slice of the
     heads / hidden units), o_proj and down_proj by input features (``RowwiseParallel``: partial sums all-reduced), so a
     block costs two all-reduces forward and two backward. Embeddings, norms and the output head stay replicated. ALiBi
-    slopes are sliced to the local heads (:func:`shard_alibi_slopes`), and the model's ``new_kv_cache`` allocates the
-    local key/value heads (:func:`_tensor_parallel_kv_cache`), so generation (the rollouts of GRPO, RLOO and PPO) runs.
+    slopes are sliced to the local heads (:func:`shard_alibi_slopes`), and the Transformer's ``local_kv_heads`` is set to
+    ``n_kv_head / t``, so its KV cache holds the key/value heads this rank computes and generation (the rollouts of
+    GRPO, RLOO and PPO) runs.
 
     Raises:
         ValueError: when ``n_head``, ``n_kv_head`` or ``intermediate_size`` is not divisible by the tensor-parallel
@@ -157,29 +157,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> nn.Module:
         if getattr(block.mlp, "gate_proj", None) is not None:
             plan["mlp.gate_proj"] = ColwiseParallel()
         parallelize_module(block, tp_mesh, plan)
-    if t > 1 and cfg is not None and callable(getattr(model, "new_kv_cache", None)):
-        model._lightning_llm_tensor_parallel_size = t
-        model.new_kv_cache = types.MethodType(_tensor_parallel_kv_cache, model)  # the local heads (see there)
+    if cfg is not None and hasattr(model, "local_kv_heads"):  # the KV cache holds the heads this rank computes
+        model.local_kv_heads = cfg.n_kv_head // t
     return shard_alibi_slopes(model, t, tp_mesh.get_local_rank())
-
-
-def _tensor_parallel_kv_cache(self: nn.Module, batch_size: int, max_length: int, device=None, dtype=None) -> Any:
-    """``Transformer.new_kv_cache`` for a tensor-parallel rank: ``n_kv_head / t`` key/value heads, the ones it computes.
-
-    ``ColwiseParallel`` on k/v leaves each rank its own contiguous ``n_kv_head / t`` heads, but the Transformer sizes its
-    cache from ``config.n_kv_head``. Decoding (generation in GRPO / PPO rollouts, ``generate``) then fails to write
-    ``(B, n_kv_head / t, T, D)`` keys into ``(B, n_kv_head, S, D)`` slots, or, when ``n_kv_head == t``, broadcasts the
-    one local head into all t slots (the right result only because each local query head then meets a copy of its own
-    key/value head, with t times the memory). :func:`apply_tensor_parallel` binds this method on the model instance
-    (``types.MethodType``, so ``copy.deepcopy`` rebinds it to the copy); unsharded models keep the class's. (Were
-    ``Transformer.new_kv_cache`` to count the heads of its own ``k_proj`` output, this override could go.)
-    """
-    from lightning_llm.nn.kv_cache import KVCache
-
-    cfg, p = self.config, self.wte.weight
-    heads = cfg.n_kv_head // self._lightning_llm_tensor_parallel_size
-    return KVCache(cfg.n_layer, batch_size, heads, max_length, cfg.head_dim, device=device or p.device,
-                   dtype=dtype or p.dtype)  # fmt: skip
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from lightning_llm.rlhf._validation import (
     check_choice,
@@ -279,8 +278,14 @@ def grpo_loss(
 
 
 def _sequence_policy_loss(
-    fn: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float, eps_high: float
-) -> tuple[Tensor, dict[str, Tensor]]:
+    fn: str,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`policy_loss` at ``level="sequence"``: ``(loss, stats)`` with one importance ratio per sequence."""
     check_float(fn, "logp", logp, ndim=2)
     check_float(fn, "old_logp", old_logp, ndim=(1, 2))

@@ -41,6 +41,16 @@ from lightning_llm.data.synthetic import LetterShiftReward, TargetCharReward  # 
 from lightning_llm.parallel import FSDP2Strategy  # noqa: E402
 
 SEED = 1234
+#: the Trainer settings every layout run shares (also the presets worker's): quiet, and every statistic in
+#: callback_metrics at every step (the runs are compared step by step)
+QUIET_TRAINER = {
+    "num_sanity_val_steps": 0,
+    "logger": False,
+    "log_every_n_steps": 1,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "use_distributed_sampler": True,
+}
 IGNORED = ("train/lr", "train/rollout")  # not a result of the layout
 
 
@@ -203,15 +213,10 @@ def make_trainer(
         max_steps=steps,
         gradient_clip_val=clip,  # the online modules clip inside their update (max_grad_norm)
         limit_val_batches=1,
-        num_sanity_val_steps=0,
         check_val_every_n_epoch=1000,
-        logger=False,
-        log_every_n_steps=1,  # every statistic in callback_metrics at every step (they are compared per step)
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=str(root),
         callbacks=callbacks,
-        use_distributed_sampler=True,
+        **QUIET_TRAINER,
     )
 
 

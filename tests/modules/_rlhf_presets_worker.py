@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from _rlhf_fsdp2_worker import SEED, Recorder, build, record_samples  # noqa: E402
+from _rlhf_fsdp2_worker import QUIET_TRAINER, SEED, Recorder, build, record_samples  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,15 +111,10 @@ def run(name: str, layout: str, args) -> None:
         max_steps=args.steps * per_step,
         gradient_clip_val=1.0 if module.automatic_optimization else None,
         limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        log_every_n_steps=1,  # every statistic in callback_metrics at every step (they are compared per step)
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=str(root),
         callbacks=[rec, snap],
-        use_distributed_sampler=True,
+        **QUIET_TRAINER,
     )
     trainer.fit(module, datamodule=dm)
     final = flat_parameters(module)
