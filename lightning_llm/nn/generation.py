@@ -480,47 +480,49 @@ def generate(
                 )
             )
     layout = input_major_linear_weights(model) if static else contextlib.nullcontext()
-    with layout:
-        steps, token = 0, ids[:, -1]  # token: the one fed at the next step (set by each step)
-        for i in range(n_new):
-            if i == 0 and use_cache:  # prefill: the whole prompt through the model's forward
-                hidden = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]  # (B, C)
-                logits = _last_logits(model, hidden)
-            elif static:
-                logits = step_fn(
-                    cache,
-                    token[:, None],
-                    slot,
-                    key_ok,
-                    base_pos,
-                    None if rope_cos is None else rope_cos[i - 1],
-                    None if rope_sin is None else rope_sin[i - 1],
-                )
-                slot.add_(1)
-            elif use_cache:
-                step_mask = seq_mask[:, : p + i]  # (B, P + i)
-                hidden = model(token[:, None], attention_mask=step_mask, kv_cache=cache, return_hidden=True)[:, -1]
-                logits = _last_logits(model, hidden)
-            else:
-                hidden = model(seq[:, : p + i], attention_mask=seq_mask[:, : p + i], return_hidden=True)[:, -1]
-                logits = _last_logits(model, hidden)
-            token, logprob = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
-            if stopping:
-                token = token.masked_fill(finished, pad_id)
-                logprob = logprob.masked_fill(finished, 0.0)
-                response_mask[:, i] = ~finished
-                if eos_id is not None:
-                    finished |= token == eos_id  # finished rows hold pad_id now (and stay finished)
-            seq[:, p + i] = token
-            logprobs[:, i] = logprob
-            steps = i + 1
-            if stop is not None:
-                finished |= torch.as_tensor(stop(seq[:, p : p + steps], finished.clone()), device=device).bool()
-            if stopping and steps % check_every == 0 and bool(finished.all()):
-                break
-    model.train(was_training)
-    if static:
-        _release_static_cache(model, cache)
+    try:  # the model's mode and the pooled cache come back also when a step or ``stop`` raises
+        with layout:
+            steps, token = 0, ids[:, -1]  # token: the one fed at the next step (set by each step)
+            for i in range(n_new):
+                if i == 0 and use_cache:  # prefill: the whole prompt through the model's forward
+                    hidden = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]  # (B, C)
+                    logits = _last_logits(model, hidden)
+                elif static:
+                    logits = step_fn(
+                        cache,
+                        token[:, None],
+                        slot,
+                        key_ok,
+                        base_pos,
+                        None if rope_cos is None else rope_cos[i - 1],
+                        None if rope_sin is None else rope_sin[i - 1],
+                    )
+                    slot.add_(1)
+                elif use_cache:
+                    step_mask = seq_mask[:, : p + i]  # (B, P + i)
+                    hidden = model(token[:, None], attention_mask=step_mask, kv_cache=cache, return_hidden=True)[:, -1]
+                    logits = _last_logits(model, hidden)
+                else:
+                    hidden = model(seq[:, : p + i], attention_mask=seq_mask[:, : p + i], return_hidden=True)[:, -1]
+                    logits = _last_logits(model, hidden)
+                token, logprob = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
+                if stopping:
+                    token = token.masked_fill(finished, pad_id)
+                    logprob = logprob.masked_fill(finished, 0.0)
+                    response_mask[:, i] = ~finished
+                    if eos_id is not None:
+                        finished |= token == eos_id  # finished rows hold pad_id now (and stay finished)
+                seq[:, p + i] = token
+                logprobs[:, i] = logprob
+                steps = i + 1
+                if stop is not None:
+                    finished |= torch.as_tensor(stop(seq[:, p : p + steps], finished.clone()), device=device).bool()
+                if stopping and steps % check_every == 0 and bool(finished.all()):
+                    break
+    finally:
+        model.train(was_training)
+        if static:
+            _release_static_cache(model, cache)
     n = steps
     if stopping and bool(finished.all()):  # cut after the step at which the last row finished
         n = int(response_mask[:, :steps].any(0).sum())  # columns with a live row: a prefix once all finish

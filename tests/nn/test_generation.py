@@ -226,6 +226,30 @@ def test_stop_callable_and_eos_together() -> None:
     assert out.responses[1].tolist() == ref[:end]
 
 
+def test_an_error_mid_decoding_restores_the_model() -> None:
+    """A ``stop`` that raises at the third step: the error propagates, the model is back in training mode with its
+    own weight storage (the CPU decode swaps in input-major copies), and the next call decodes as before."""
+    import lightning_llm.nn.generation as generation
+
+    model = model_for("rope", seed=6).train()
+    weights = {name: p.data_ptr() for name, p in model.named_parameters()}
+    expected = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    assert model.training
+
+    def fails_at_step_3(responses: torch.Tensor, finished: torch.Tensor) -> list[bool]:
+        if responses.shape[1] == 3:
+            raise KeyError("stop failed")
+        return [False] * len(PROMPTS)
+
+    with pytest.raises(KeyError, match="stop failed"):
+        generate(model, PROMPTS, max_new_tokens=6, temperature=0, stop=fails_at_step_3)
+    assert model.training
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == weights
+    assert model in generation._cache_pool  # the preallocated cache went back to the pool
+    again = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    assert torch.equal(again.sequences, expected.sequences)
+
+
 def test_greedy_logprobs_match_forward() -> None:
     model = model_for("learned", seed=5)
     out = generate(model, PROMPTS[:2], max_new_tokens=5, temperature=0)
