@@ -150,6 +150,45 @@ def _quickstart(payload: dict) -> list[str]:
     return lines + ["", f"Measured with a fresh cache in an empty folder ({load}{provenance(payload)[1:]}."]
 
 
+@renders("alignment_cpu")
+def _alignment(payload: dict) -> list[str]:
+    rows = [[f"`{r['command']}`", r["wall_s"], r["exit_status"], r["result"]] for r in payload["rows"]]
+    lines = table(["command", "wall s", "exit status", "result (`fit_metrics.json`, `metrics.csv`)"], rows)
+    before = payload.get("load_average_before")
+    load = f"load average {before:.2f} before, " if before is not None else ""
+    return lines + ["", f"Each in its own empty folder with a fresh cache ({load}{provenance(payload)[1:]}."]
+
+
+@renders("monitoring_cpu")
+def _monitoring(payload: dict) -> list[str]:
+    run = payload["run"]
+    keys = [k for k in payload["rows"][0] if k != "step"]
+    rows = [[r["step"], *(f"{r[k]:.4g}" if k in r else "" for k in keys)] for r in payload["rows"]]
+    lines = table(["step", *(f"`{k}`" for k in keys)], rows)
+    return lines + [
+        "",
+        f"`{run['command']}`: {run['wall_s']} s, exit status {run['exit_status']}, {run['columns']} columns in "
+        f"`metrics.csv`. Measured {provenance(payload)}.",
+    ]
+
+
+@renders("extrapolation_cpu")
+def _extrapolation(payload: dict) -> list[str]:
+    lengths = payload["eval_lengths"]
+    names = {"embedded": "embedded", "tinyshakespeare": "Tiny Shakespeare"}
+    rows = [
+        [names.get(r["data"], r["data"]), {"rope": "RoPE", "alibi": "ALiBi"}.get(r["encoding"], r["encoding"]),
+         *(f"{r[f'ppl@{n}']:.2f}" for n in lengths)]
+        for r in payload["rows"]
+    ]  # fmt: skip
+    lines = table(["data", "encoding", *(f"ppl @ {n}" for n in lengths)], rows)
+    return lines + [
+        "",
+        f"Trained {payload['steps']} steps at length {payload['train_length']}; the whole notebook took "
+        f"{payload['wall_s']:.0f} s. Measured {provenance(payload)}.",
+    ]
+
+
 @renders("grpo_cpu")
 def _grpo(payload: dict) -> list[str]:
     rows = [[r["metric"], f"{r['ours']:.4g}", f"{r['trl']:.4g}", f"{r['speedup']:.2f}x"] for r in payload["rows"]]
