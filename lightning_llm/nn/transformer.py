@@ -116,7 +116,14 @@ class _RecomputeState:
         ):
             self.packs += 1
             return _Recomputed(self, t)
-        return t if self.outer is None else self.outer.pack(t)
+        if self.outer is not None:
+            return self.outer.pack(t)
+        # Not ``t`` itself: when ``t`` is the output of the op saving it (SDPA's output, a softmax), the saved value
+        # would hold its own ``grad_fn``, the node holding the saved value: a cycle through C++ that Python's garbage
+        # collector cannot see, so a forward never followed by a backward (an evaluation with gradients enabled, a
+        # skipped step) would keep its whole graph and activations alive forever. A detached alias shares storage
+        # and version counter; autograd restores the autograd history it saved itself when unpacking.
+        return t.detach()
 
     @staticmethod
     def unpack(packed: object) -> torch.Tensor:

@@ -10,6 +10,7 @@ Notation: B batch, T tokens, C width, I MLP width, L layers.
 from __future__ import annotations
 
 import contextlib
+import gc
 import weakref
 
 import pytest
@@ -171,6 +172,32 @@ def test_saved_activations_are_two_norm_outputs_and_two_mlp_tensors_a_layer_smal
     n, item = ids.numel(), 4  # float32
     assert plain - lean == cfg.n_layer * (2 * n * cfg.n_embd + 2 * n * cfg.intermediate_size) * item
     torch.testing.assert_close(h1, h2, rtol=0, atol=0)
+
+
+def _graph_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+
+@pytest.mark.parametrize("fields", [LLAMA, NEOX], ids=["llama", "neox"])
+def test_a_forward_without_backward_frees_its_graph(fields: dict) -> None:
+    """A forward whose output is dropped without a backward (an evaluation with gradients enabled, a skipped step)
+    frees its graph. A saved value the hooks pass through must not be the saved tensor itself: SDPA's output saved
+    for its own backward would then hold its ``grad_fn``, the node holding it, a cycle through C++ that Python's
+    garbage collector never breaks (every such forward leaked its graph and activations; a Lightning
+    ``validate`` after ``fit`` under pipeline + tensor parallelism then failed to move the parameters)."""
+    model = _model(fields).float()
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(6))
+    before = _graph_tensors()
+    for _ in range(3):
+        out = model(ids)
+        assert out.grad_fn is not None
+        del out
+    assert _graph_tensors() == before
+    loss = model(ids).logsumexp(-1).mean()  # and after a backward, nothing is kept either
+    loss.backward()
+    del loss
+    assert _graph_tensors() == before
 
 
 def test_off_inside_foreign_saved_tensor_hooks_and_without_grad() -> None:
