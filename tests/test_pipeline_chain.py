@@ -21,35 +21,21 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tiny_llama import save_tiny_llama  # noqa: E402
 
 
 def build_base(directory: Path) -> None:
     """The README's first step: a tiny random Llama and a BPE tokenizer trained on the task texts, saved offline."""
     from lightning_llm.data.sft import instruction_examples
     from lightning_llm.data.synthetic import synthetic_preference_examples
-    from lightning_llm.data.tokenizer import Tokenizer
 
     texts = [
         f"user: {e['prompt'][0]['content']}\nassistant: {e['completion'][0]['content']}\n"
         for e in instruction_examples(500, 0)
     ]
     texts += [e["prompt"] + e["chosen"] for e in synthetic_preference_examples(500, 0)]
-    tok = Tokenizer.train_bpe(texts, vocab_size=320)
-    tok.save(directory)
-    cfg = transformers.LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(directory)
+    save_tiny_llama(directory, texts, vocab_size=320, hidden=64)
 
 
 def cli(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

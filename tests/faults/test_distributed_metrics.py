@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -11,15 +10,11 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _faults_dist_worker as worker  # noqa: E402
+from _launch import free_ports  # noqa: E402
 
 import lightning_llm.metrics  # noqa: E402, F401  (imported before forking)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def synced(tmp_path_factory):
         try:
             mp.start_processes(
                 worker.run,
-                args=(2, _free_port(), str(folder), scenario),
+                args=(2, free_ports(1)[0], str(folder), scenario),
                 nprocs=2,
                 join=True,
                 start_method=start_method,

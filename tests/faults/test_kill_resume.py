@@ -40,42 +40,42 @@ from _faults_helpers import read_records  # noqa: E402
 MAX_STEPS = 12
 STEPS_PER_EPOCH = 4
 
+#: every run: a one-layer model of width 32, no logger, progress bar or model summary
+TINY_MODEL = ["--model.init_args.config.n_layer", "1", "--model.init_args.config.n_embd", "32",
+              "--model.init_args.config.n_head", "2"]  # fmt: skip
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false"]  # fmt: skip
+
 TINY = [
-    "--model.init_args.config.n_layer", "1", "--model.init_args.config.n_embd", "32",
-    "--model.init_args.config.n_head", "2", "--model.init_args.config.block_size", "32",
+    *TINY_MODEL, "--model.init_args.config.block_size", "32",
     "--data.init_args.vocab_size", "300", "--data.init_args.block_size", "32",
     "--data.init_args.batch_size", "8", "--data.init_args.max_train_blocks", "32",
     "--data.init_args.max_eval_blocks", "4",
     "--trainer.max_steps", str(MAX_STEPS), "--trainer.val_check_interval", str(STEPS_PER_EPOCH),
     "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
-    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
+    *QUIET,
 ]  # fmt: skip
 
 
 PPO_MAX_STEPS = 8
 PPO_TINY = [
-    "--model.init_args.config.n_layer", "1", "--model.init_args.config.n_embd", "32",
-    "--model.init_args.config.n_head", "2", "--model.init_args.ppo_epochs", "1",
+    *TINY_MODEL, "--model.init_args.ppo_epochs", "1",
     "--model.init_args.num_minibatches", "1", "--model.init_args.max_new_tokens", "4",
     "--data.init_args.num_train", "32", "--data.init_args.num_val", "8", "--data.init_args.batch_size", "8",
     "--trainer.max_epochs", "-1", "--trainer.max_steps", str(PPO_MAX_STEPS),
     "--trainer.val_check_interval", "4", "--trainer.check_val_every_n_epoch", "null",
-    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
+    *QUIET,
 ]  # fmt: skip
 
 #: GRPO with a reference model (beta > 0): 4 prompt batches of 4 prompts x G = 4 completions per epoch, 1 step each
 GRPO_MAX_STEPS = 8
 GRPO_TINY = [
-    "--model.init_args.config.n_layer", "1", "--model.init_args.config.n_embd", "32",
-    "--model.init_args.config.n_head", "2", "--model.init_args.num_generations", "4",
+    *TINY_MODEL, "--model.init_args.num_generations", "4",
     "--model.init_args.beta", "0.04", "--model.init_args.log_completions_every_n_steps", "0",
     "--data.init_args.num_train", "16", "--data.init_args.num_val", "8", "--data.init_args.batch_size", "4",
     "--trainer.max_epochs", "-1", "--trainer.max_steps", str(GRPO_MAX_STEPS),
     "--trainer.val_check_interval", "4", "--trainer.check_val_every_n_epoch", "null",
-    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
+    *QUIET,
 ]  # fmt: skip
 
 #: the quickstart LM on 2 gloo processes (DDP): 16 blocks per rank, 2 steps per epoch, a validation per epoch

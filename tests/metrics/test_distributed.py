@@ -1,6 +1,5 @@
 """2-process gloo: every metric's synced value equals the single-process value on the union of the data."""
 
-import socket
 import sys
 from pathlib import Path
 
@@ -9,15 +8,11 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _dist_worker  # noqa: E402
+from _launch import free_ports  # noqa: E402
 
 import lightning_llm.metrics  # noqa: E402, F401  (imported before forking)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +21,7 @@ def synced_results(tmp_path_factory):
     # torch.multiprocessing's spawn API; "fork" reuses the parent's imports (spawn re-imports torchmetrics: ~18 s).
     start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(
-        _dist_worker.run, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method=start_method
+        _dist_worker.run, args=(2, free_ports(1)[0], str(out)), nprocs=2, join=True, start_method=start_method
     )
     return torch.load(out, weights_only=False)
 

@@ -4,14 +4,19 @@ without a copy, export that ``peft.PeftModel.from_pretrained`` loads, gradient c
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from lightning_llm.config import TransformerConfig
-from lightning_llm.nn.lora import adapters_disabled, apply_lora, lora_layers, merge_lora
-from lightning_llm.nn.transformer import Transformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _tiny_llama import save_tiny_llama  # noqa: E402
+
+from lightning_llm.config import TransformerConfig  # noqa: E402
+from lightning_llm.nn.lora import adapters_disabled, apply_lora, lora_layers, merge_lora  # noqa: E402
+from lightning_llm.nn.transformer import Transformer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -31,29 +36,12 @@ def _randomise_b(model: torch.nn.Module) -> None:
 def build_tiny_hf_llama(directory, vocab_texts=None) -> tuple[str, object]:
     """``save_pretrained`` of a random tiny ``LlamaForCausalLM`` with a BPE tokenizer trained here (offline)."""
     from lightning_llm.data.sft import instruction_examples
-    from lightning_llm.data.tokenizer import Tokenizer
 
     texts = vocab_texts or [
         f"user: {e['prompt'][0]['content']}\nassistant: {e['completion'][0]['content']}\n"
         for e in instruction_examples(400, 0)
     ]
-    tok = Tokenizer.train_bpe(texts, vocab_size=300)
-    tok.save(directory)
-    cfg = transformers.LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(directory)
-    return str(directory), tok
+    return str(directory), save_tiny_llama(directory, texts, vocab_size=300, hidden=32)
 
 
 # ------------------------------------------------------------------------------------------------ the adapters
