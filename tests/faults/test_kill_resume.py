@@ -92,7 +92,12 @@ SETUPS = {
 }
 
 
-def _command(run: Path, ckpt_path: Path | None = None, setup: str = "causal_lm") -> list[str]:
+def _command(
+    run: Path, ckpt_path: Path | None = None, setup: str = "causal_lm", resumed: bool | None = None
+) -> list[str]:
+    """The ``fit`` command line; its steps are recorded to ``resumed.jsonl`` for a resumption (``resumed``, by
+    default whether a checkpoint is given: a run killed before its first checkpoint resumes from scratch), else to
+    ``records.jsonl``."""
     config, tiny, _ = SETUPS[setup]
     cmd = [sys.executable, "-m", "lightning_llm", "fit", "--config", str(ROOT / "configs" / config), *tiny]
     cmd += ["--trainer.default_root_dir", str(run)]
@@ -101,7 +106,8 @@ def _command(run: Path, ckpt_path: Path | None = None, setup: str = "causal_lm")
     cmd += ["--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
     cmd += ["--trainer.callbacks.save_last", "true"]
     cmd += ["--trainer.callbacks+=_faults_helpers.StepRecorder"]
-    cmd += ["--trainer.callbacks.path", str(run / ("resumed.jsonl" if ckpt_path else "records.jsonl"))]
+    resumed = ckpt_path is not None if resumed is None else resumed
+    cmd += ["--trainer.callbacks.path", str(run / ("resumed.jsonl" if resumed else "records.jsonl"))]
     cmd += ["--trainer.callbacks+=_faults_helpers.Killer"]
     if ckpt_path is not None:
         cmd += ["--ckpt_path", str(ckpt_path)]
@@ -117,11 +123,15 @@ def _env(kill: str | None = None) -> dict[str, str]:
 
 
 def _run(
-    run: Path, ckpt_path: Path | None = None, kill: str | None = None, setup: str = "causal_lm"
+    run: Path,
+    ckpt_path: Path | None = None,
+    kill: str | None = None,
+    setup: str = "causal_lm",
+    resumed: bool | None = None,
 ) -> subprocess.CompletedProcess:
     run.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        _command(run, ckpt_path, setup), cwd=run, env=_env(kill), capture_output=True, text=True, timeout=600
+        _command(run, ckpt_path, setup, resumed), cwd=run, env=_env(kill), capture_output=True, text=True, timeout=600
     )
 
 
@@ -168,7 +178,7 @@ def _check_checkpoints_and_resume(
     if (ckpt_dir / "last.ckpt").exists():
         assert load_checkpoint(ckpt_dir / "last.ckpt")["global_step"] in (resume_step - 1, resume_step)
     FIGURES["resumed_from"].append(resume_step)
-    proc = _run(run, ckpt_dir / f"step={resume_step}.ckpt" if resume_step else None, setup=setup)
+    proc = _run(run, ckpt_dir / f"step={resume_step}.ckpt" if resume_step else None, setup=setup, resumed=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     resumed = read_records(run / "resumed.jsonl")
     expected = reference_records[resume_step:]
