@@ -103,6 +103,13 @@ def _sft(payload: dict) -> list[str]:
             if memory
             else ""
         )
+        + (
+            f"; with `lightning_llm.callbacks.CPUHeapTrim` {ratios['heap-trimmed memory LoRA/full (ours)']:.2f}x by RSS"
+            f" growth (step time {ratios['heap trim step time / without (full)']:.2f}x full,"
+            f" {ratios['heap trim step time / without (lora)']:.2f}x LoRA)"
+            if "heap-trimmed memory LoRA/full (ours)" in ratios
+            else ""
+        )
         + f"; TRL's {ratios['train memory LoRA/full (TRL)']:.2f}x. First three losses equal TRL's to "
         f"{max(payload['loss_diff'].values()):.0e}. Measured {provenance(payload)}.",
     ]

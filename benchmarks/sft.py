@@ -35,7 +35,10 @@ training starts) minus the resident memory before the model is built, so the mod
 and the rest is gradients, optimiser state, activations, the trainer's buffers and what glibc's allocator keeps of
 freed memory (with its defaults, freed blocks under 32 MiB stay in the heap). The ``(tensors)`` rows run ours alone
 with ``MALLOC_MMAP_THRESHOLD_=1048576`` (every block of 1 MiB or more is returned to the OS when freed), so their RSS
-follows the live tensors; with and without activation recomputation (``+recompute``, on both LoRA and full).
+follows the live tensors; with and without activation recomputation (``+recompute``, on both LoRA and full). The
+``(heap trim)`` rows run ours alone with :class:`lightning_llm.callbacks.CPUHeapTrim` (glibc's ``malloc_trim`` at
+every block boundary: the freed heap goes back to the operating system while the step runs), timed, with glibc's
+defaults otherwise; their step time is compared with the lock-step rows' (each of those steps also ran alone).
 
     python benchmarks/sft.py --json benchmarks/results/sft_cpu.json      # table (+ JSON with machine info)
     python benchmarks/sft.py --preset tiny                                # the previous, tiny shape
@@ -242,6 +245,7 @@ def run_ours(model_dir: str, lora: bool, a: argparse.Namespace, out: str) -> dic
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from lightning_llm.callbacks import CPUHeapTrim
     from lightning_llm.data.preference import ChatTemplate
     from lightning_llm.data.sft import collate_sft, tokenize_sft_example
     from lightning_llm.data.tokenizer import Tokenizer
@@ -294,7 +298,7 @@ def run_ours(model_dir: str, lora: bool, a: argparse.Namespace, out: str) -> dic
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[Probe()],
+        callbacks=[Probe(), *([CPUHeapTrim()] if os.environ.get("SFT_HEAP_TRIM") else [])],
         default_root_dir=out,
     )
     trainer.fit(module, train_dataloaders=loader)
@@ -491,6 +495,12 @@ def main() -> None:
         default=True,
         help="also run ours alone (full, LoRA; recomputation off and on) with big blocks returned to the OS",
     )
+    parser.add_argument(
+        "--heap-trim-runs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run ours alone (full, LoRA) with lightning_llm.callbacks.CPUHeapTrim",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -506,6 +516,7 @@ def main() -> None:
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {k: [] for k in KINDS}
     memory: dict[str, dict] = {}
+    trimmed: dict[str, dict] = {}  # --heap-trim-runs: ours with lightning_llm.callbacks.CPUHeapTrim
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp), a.hidden, a.layers, a.vocab, a.max_length)
         common = ["--preset", a.preset, "--model-dir", tmp, "--lr", str(a.lr), "--max-length", str(a.max_length)]
@@ -522,6 +533,10 @@ def main() -> None:
                     extra = ["--gradient-checkpointing"] if recompute else []
                     (rec,) = run_lock_step((kind,), common + extra, a.steps, {"MALLOC_MMAP_THRESHOLD_": str(2**20)})
                     memory[f"{kind}{' +recompute' if recompute else ''}"] = combine([rec], a.warmup)
+        if a.heap_trim_runs:  # ours alone with CPUHeapTrim (glibc's defaults otherwise): timed too
+            for kind in ("ours-full", "ours-lora"):
+                (rec,) = run_lock_step((kind,), common + flag, a.steps, {"SFT_HEAP_TRIM": "1"})
+                trimmed[kind] = combine([rec], a.warmup)
     rows = {k: combine(v, a.warmup) for k, v in runs.items()}
 
     def ratio(key: str, x: str, y: str, table: dict = rows) -> float:
@@ -545,6 +560,12 @@ def main() -> None:
         ratios["tensor memory LoRA/full (ours, +recompute)"] = ratio(
             "train_mb", "ours-lora +recompute", "ours-full +recompute", memory
         )
+    if trimmed:
+        ratios["heap-trimmed memory LoRA/full (ours)"] = ratio("train_mb", "ours-lora", "ours-full", trimmed)
+        for mode in ("full", "lora"):
+            ratios[f"heap trim step time / without ({mode})"] = (
+                trimmed[f"ours-{mode}"]["step_s"] / rows[f"ours-{mode}"]["step_s"]
+            )
     loss_diff = {}
     for mode in ("full", "lora"):
         ours, trl = rows[f"ours-{mode}"], rows[f"trl-{mode}"]
@@ -565,8 +586,13 @@ def main() -> None:
         f"the other), {a.repeats} run(s) of each pair",
         f"{'run':<30} {'trainable':>10} {'step s':>7} {'tok/s':>7} {'train MB':>9} {'peak RSS MB':>11}  first losses",
     ]
-    for kind, r in [*rows.items(), *((f"{k} (tensors)", v) for k, v in memory.items())]:
-        timed = f"{r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f}" if kind in rows else f"{'-':>7} {'-':>7}"
+    extra_rows = [
+        *((f"{k} (tensors)", v) for k, v in memory.items()),
+        *((f"{k} (heap trim)", v) for k, v in trimmed.items()),
+    ]
+    for kind, r in [*rows.items(), *extra_rows]:
+        shown = kind in rows or kind.endswith("(heap trim)")
+        timed = f"{r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f}" if shown else f"{'-':>7} {'-':>7}"
         lines.append(
             f"{kind:<30} {r['trainable']:>10} {timed} {r['train_mb']:>9.0f} {r['peak_rss_mb']:>11.0f}  "
             f"{[round(x, 5) for x in r['losses'][:3]]}"
@@ -585,12 +611,11 @@ def main() -> None:
         out = {
             "settings": {k: v for k, v in vars(a).items() if k not in ("child", "model_dir", "json")},
             "machine": machine_info(),
-            "rows": [
-                {"run": kind, **r} for kind, r in [*rows.items(), *((f"{k} (tensors)", v) for k, v in memory.items())]
-            ],
+            "rows": [{"run": kind, **r} for kind, r in [*rows.items(), *extra_rows]],
             "runs": runs,
             "ratios": ratios,
             "memory_runs": memory,
+            "heap_trim_runs": trimmed,
             "loss_diff": loss_diff,
             "table": lines,
         }

@@ -11,6 +11,7 @@ from lightning_llm.callbacks.calibration_monitor import CalibrationMonitor
 from lightning_llm.callbacks.embedding_probe import EmbeddingProbe, embedding_stats, nearest_neighbours
 from lightning_llm.callbacks.eval_subset import EvalSubsetMonitor, subset_metrics
 from lightning_llm.callbacks.generation_samples import GenerationSamples
+from lightning_llm.callbacks.heap_trim import CPUHeapTrim
 from lightning_llm.callbacks.lambada_monitor import LambadaMonitor
 from lightning_llm.callbacks.learning_curves import LearningCurves, plot_metrics_csv
 from lightning_llm.callbacks.loss_spike_guard import LossSpikeGuard, SpikeEvent
@@ -19,6 +20,7 @@ from lightning_llm.callbacks.perplexity_monitor import PerplexityMonitor
 from lightning_llm.callbacks.throughput import LLMThroughputMonitor, palm_flops_per_token
 
 __all__ = [
+    "CPUHeapTrim",
     "CalibrationMonitor",
     "LearningCurves",
     "EmbeddingProbe",
