@@ -4,17 +4,17 @@ On Linux with glibc, PyTorch's CPU tensors come from ``malloc``. Blocks below gl
 mmap threshold live in the heap, and memory freed there stays resident until ``malloc_trim`` returns it; when a
 step's forward and backward free and allocate activations and gradients of many sizes, the heap keeps growing into
 new pages while freed ones stay resident. The process's peak resident memory then exceeds its peak live tensors by
-about one more copy of the activations (measured with ``benchmarks/sft.py``: LoRA 718 MB resident for 463 MB of live
-tensors, full fine-tuning 1318 MB for 1126 MB, Llama 4 x 512 with a 32k vocabulary, batches of ~1900 positions).
+up to one more copy of the activations (``benchmarks/sft.py``, Llama 4 x 512 with a 32k vocabulary, batches of ~1900
+positions, commit 18e827d: LoRA 751 MB resident for 464 MB of live tensors, full fine-tuning 1360 MB for 1127 MB).
 
 This callback calls glibc's ``malloc_trim(0)`` (which since glibc 2.8 also releases the free pages in the middle of
 the heap, not only at its top) at every transformer block boundary: before each block's forward, when the gradient
 reaches each block's output in the backward, and before the backward starts. Design choice: block boundaries, because
 that is where a block's transient tensors have just been freed and the next block's are about to be allocated; a trim
 per step (after the optimizer) does not lower the peak, which lies inside the step (measured: LoRA 735 -> 698 MB).
-Cost: each trim walks the heap and released pages fault back in when reused (measured 7-10% of the step time in the
-benchmark above, against 25% for ``MALLOC_MMAP_THRESHOLD_=1048576``, which sends every large block to ``mmap``). The
-resident peak then falls to within ~80 MB of the live tensors (LoRA 540 MB, full 1165 MB).
+Cost: each trim walks the heap and released pages fault back in when reused: in the same benchmark the step took
+1.09x as long (full) and 1.13x (LoRA), against 1.18x-1.26x for ``MALLOC_MMAP_THRESHOLD_=1048576`` (which sends every
+large block to ``mmap``; measured once with the same runs, not saved); the resident peak fell to LoRA 523 MB, full 1169 MB (LoRA / full 0.45x instead of 0.55x).
 
 Blocks are the children of every ``torch.nn.ModuleList`` in the LightningModule (the layers of a
 :class:`~lightning_llm.nn.transformer.Transformer`, of a Hugging Face model, of most decoder stacks); pass

@@ -4,6 +4,11 @@ on the machine and would make a flaky test)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +59,14 @@ def test_block_types_select_the_modules(make_trainer) -> None:
 def test_bad_block_types_is_a_clear_error(bad) -> None:
     with pytest.raises(TypeError, match="`block_types` must be a list of class names"):
         CPUHeapTrim(block_types=bad)
+
+
+def test_the_preset_stacks_onto_a_fit(tmp_path) -> None:
+    """``--config callbacks/heap_trim`` appends the callback to a packaged preset's (the SFT quickstart's)."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "lightning_llm", "fit", "--config", "sft/sft_quickstart", "--config",
+           "callbacks/heap_trim", "--print_config"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lightning_llm.callbacks.CPUHeapTrim" in proc.stdout
