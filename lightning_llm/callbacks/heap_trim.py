@@ -14,7 +14,8 @@ that is where a block's transient tensors have just been freed and the next bloc
 per step (after the optimizer) does not lower the peak, which lies inside the step (measured: LoRA 735 -> 698 MB).
 Cost: each trim walks the heap and released pages fault back in when reused: in the same benchmark the step took
 1.09x as long (full) and 1.13x (LoRA), against 1.18x-1.26x for ``MALLOC_MMAP_THRESHOLD_=1048576`` (which sends every
-large block to ``mmap``; measured once with the same runs, not saved); the resident peak fell to LoRA 523 MB, full 1169 MB (LoRA / full 0.45x instead of 0.55x).
+large block to ``mmap``; measured once with the same runs, not saved); the resident peak fell to LoRA 523 MB, full
+1169 MB (LoRA / full 0.45x instead of 0.55x).
 
 Blocks are the children of every ``torch.nn.ModuleList`` in the LightningModule (the layers of a
 :class:`~lightning_llm.nn.transformer.Transformer`, of a Hugging Face model, of most decoder stacks); pass
