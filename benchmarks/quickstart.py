@@ -8,7 +8,8 @@ lightning_llm`` if it is missing) in a fresh temporary folder, with ``LIGHTNING_
 folder so nothing trained or tokenized earlier is reused. Reported: each command's wall time and exit status, the
 closing validation perplexity against the validation split's unigram perplexity (``fit_metrics.json``; the issue's
 goal: a ratio below 0.15 within 2.5 minutes on a quiet 2-core machine) and the evaluation report's summary
-(``report.json``). Extra arguments after ``--`` go to ``fit`` (e.g. ``-- --trainer.max_steps 50`` for a smoke run).
+(``report.json``). Extra arguments after ``--`` go to ``fit`` (a smoke run: ``-- --trainer.max_steps 20
+--trainer.val_check_interval 20``; the checkpoint that ``evaluate`` reads is written at a validation).
 
 ``--recipe alignment`` runs the post-training quickstarts the same way, each in its own empty folder with its own empty
 cache: ``rlhf/reward_quickstart``, ``rlhf/dpo_quickstart``, ``rlhf/ppo_quickstart``, ``rlhf/grpo_quickstart``,
@@ -50,11 +51,23 @@ def _cli() -> list[str]:
     return [found] if found else [sys.executable, "-m", "lightning_llm"]
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, int, str]:
-    """``(wall seconds, exit status, the output's tail)`` of one command."""
+def _workspace(root: Path, name: str) -> tuple[Path, dict[str, str]]:
+    """An empty folder ``root / name`` to run in and the environment of a fresh, empty cache beside it."""
+    work, cache = root / name, root / f"{name}_cache"
+    work.mkdir()
+    cache.mkdir()
+    return work, {**os.environ, "LIGHTNING_LLM_CACHE": str(cache)}
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, int]:
+    """``(wall seconds, exit status)`` of one ``lightning-llm`` command; a failure ends the benchmark with its output."""
     start = time.perf_counter()
     proc = subprocess.run([*_cli(), *args], cwd=cwd, env=env, capture_output=True, text=True)
-    return time.perf_counter() - start, proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"lightning-llm {' '.join(args)} failed with status {proc.returncode}:\n"
+                 f"{(proc.stdout + proc.stderr)[-3000:]}")  # fmt: skip
+    return seconds, proc.returncode
 
 
 #: the post-training quickstarts (``--recipe alignment``): config -> how to summarise its run
@@ -107,15 +120,10 @@ MONITORED = ("val/ppl", "lambada/acc", "calibration/ece", "embedding/isotropy", 
 
 def monitoring(root: Path, fit_args: list[str]) -> tuple[dict, list[dict]]:
     """The quickstart with the monitoring preset: ``(the command's row, one row per validation)``."""
-    work, cache = root / "run", root / "cache"
-    work.mkdir()
-    cache.mkdir()
-    env = {**os.environ, "LIGHTNING_LLM_CACHE": str(cache)}
+    work, env = _workspace(root, "run")
     shown = ["fit", "--config", "quickstart", "--config", "callbacks/monitoring", "--trainer.max_steps", "40",
              "--trainer.val_check_interval", "20", *fit_args]  # fmt: skip
-    seconds, status, tail = _run([*shown, "--trainer.enable_progress_bar", "false"], work, env)
-    if status != 0:
-        sys.exit(f"{' '.join(shown)} failed with status {status}:\n{tail}")
+    seconds, status = _run([*shown, "--trainer.enable_progress_bar", "false"], work, env)
     (csv_path,) = work.glob("logs/**/metrics.csv")
     with csv_path.open() as f:
         reader = csv.DictReader(f)
@@ -144,14 +152,9 @@ def alignment(root: Path, fit_args: list[str]) -> list[dict]:
     """Run every post-training quickstart in its own empty folder and cache; one row each."""
     rows = []
     for config, (kind, reward_key, kl_key) in ALIGNMENT.items():
-        work, cache = root / config.replace("/", "_"), root / (config.replace("/", "_") + "_cache")
-        work.mkdir()
-        cache.mkdir()
-        env = {**os.environ, "LIGHTNING_LLM_CACHE": str(cache)}
+        work, env = _workspace(root, config.replace("/", "_"))
         args = ["fit", "--config", config, "--trainer.enable_progress_bar", "false", *fit_args]
-        seconds, status, tail = _run(args, work, env)
-        if status != 0:
-            sys.exit(f"{' '.join(args)} failed with status {status}:\n{tail}")
+        seconds, status = _run(args, work, env)
         (metrics_file,) = work.glob("logs/**/fit_metrics.json")
         metrics = json.loads(metrics_file.read_text())
         summary = _summarise(kind, metrics, metrics_file.with_name("metrics.csv"), reward_key, kl_key)
@@ -193,15 +196,10 @@ def main() -> None:
         write_json(args.json, rows, run=command, load_average_before=load_before, fit_args=args.fit_args)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        work, cache = Path(tmp) / "run", Path(tmp) / "cache"
-        work.mkdir()
-        cache.mkdir()
-        env = {**os.environ, "LIGHTNING_LLM_CACHE": str(cache)}
+        work, env = _workspace(Path(tmp), "run")
         load_before = os.getloadavg()[0]
         fit = ["fit", "--config", "quickstart", "--trainer.enable_progress_bar", "false", *args.fit_args]
-        seconds, status, tail = _run(fit, work, env)
-        if status != 0:
-            sys.exit(f"fit failed with status {status}:\n{tail}")
+        seconds, status = _run(fit, work, env)
         (metrics_file,) = work.glob("logs/quickstart/**/fit_metrics.json")
         metrics = json.loads(metrics_file.read_text())
         val, unigram = metrics["val/ppl"], metrics["data/val_unigram_ppl"]
@@ -218,9 +216,7 @@ def main() -> None:
         if not args.no_evaluate:
             (ckpt,) = sorted(work.glob("logs/quickstart/**/checkpoints/*.ckpt"))[-1:]
             evaluate = ["evaluate", "--config", "eval/helm", "--model", str(ckpt), "--out", "eval"]
-            seconds, status, tail = _run(evaluate, work, env)
-            if status != 0:
-                sys.exit(f"evaluate failed with status {status}:\n{tail}")
+            seconds, status = _run(evaluate, work, env)
             report = json.loads((work / "eval" / "report.json").read_text())
             rows.append({"command": f"lightning-llm evaluate --config eval/helm --model {ckpt.name}",
                          "wall_s": round(seconds, 1), "exit_status": status})  # fmt: skip

@@ -49,7 +49,6 @@ Notation: B batch, T padded length, V vocabulary.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import json
 import os
@@ -109,10 +108,11 @@ def _current_rss_mb() -> float:
 
 def _start_peak() -> float:
     """Return freed heap to the OS and restart the peak-RSS counter (Linux ``clear_refs`` 5); the current RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    from lightning_llm.callbacks.heap_trim import glibc_malloc_trim
+
+    trim = glibc_malloc_trim()
+    if trim is not None:
+        trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _current_rss_mb()
