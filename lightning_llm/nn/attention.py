@@ -46,7 +46,9 @@ class AttentionInputs:
         cache: per-forward memo shared by all blocks (the ALiBi bias is built once, not once per layer).
         cache_slot: ``None`` (the KV cache, if any, grows: :meth:`KVCache.update`), or a ``(1,)`` long tensor: the
             static decoding step writes its one token per row at this slot (:meth:`KVCache.write`) and attends over
-            the whole cache; ``mask`` ``(B, 1, 1, S_max)`` then hides the slots not yet written.
+            the cache's first ``S = k_pos.shape[-1]`` slots: all ``S_max`` when compiled (fixed shapes), only the
+            written ones when eager (nothing read that the mask would hide); ``mask`` ``(B, 1, 1, S)`` hides the
+            padding and, compiled, the slots not yet written.
     """
 
     cos: torch.Tensor | None
@@ -109,6 +111,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             if inputs.cache_slot is not None:
                 k, v = kv_cache.write(layer_idx, k, v, inputs.cache_slot)  # (B, G, S_max, D)
+                s = inputs.k_pos.shape[-1]  # the slots this step reads (see AttentionInputs.cache_slot)
+                k, v = k[:, :, :s], v[:, :, :s]  # (B, G, S, D)
             else:
                 k, v = kv_cache.update(layer_idx, k, v)  # (B, G, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)  # a float32 cache under autocast: match the query's dtype

@@ -13,14 +13,15 @@ Design of the decoding loop (:func:`generate`), for speed at the small shapes of
 PyTorch is mostly Python and kernel-launch overhead:
 
 * **a fixed-shape step** (:func:`_decode_step`): after the prefill, every step writes its token's keys/values at a
-  slot given as a tensor and attends over the whole preallocated cache through a mask, so the step has no host-side
-  shape logic and the same shapes every time: ``torch.compile(dynamic=False)`` compiles it once per batch size and
-  capacity (``compile=True``; the capacity is rounded up so that prompt widths share graphs);
+  slot given as a tensor and, compiled, attends over the whole preallocated cache through a mask, so the step has
+  no host-side shape logic and the same shapes every time: ``torch.compile(dynamic=False)`` compiles it once per
+  batch size and capacity (``compile=True``; the capacity is rounded up so that prompt widths share graphs); the
+  eager step attends over the slots written so far only (a view of the cache, no copy);
 * **preallocated outputs**: tokens, log-probabilities and masks are written into ``(B, P + N)`` / ``(B, N)`` buffers,
   no ``torch.cat`` per step; the cache itself is reused between calls on the CPU (:func:`_static_cache`);
 * **sampling without filtering ops** when top-k / top-p are off (:func:`sample_next`);
 * **input-major weights while decoding on the CPU** (:func:`input_major_linear_weights`): BLAS multiplies a few rows
-  by a contiguous matrix faster than by a transposed one;
+  by a contiguous matrix faster than by a transposed one (a tied output projection reads an input-major copy);
 * **few host reads**: only the all-finished test, every :func:`finished_check_interval` steps (and whatever a
   ``stop`` callable reads: it runs on the host after every step).
 
@@ -170,13 +171,14 @@ def sample_next(
     return token, logprob
 
 
-def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Project only the last position's hidden state ``(B, C)`` to float32 logits ``(B, V)``.
+def _last_logits(model, hidden: torch.Tensor, out_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Project only the last position's hidden state ``(B, C)`` to float32 logits ``(B, V)`` (with ``out_weight``,
+    the output matrix in another layout, when given: :func:`input_major_linear_weights`).
 
     The prefill never materialises ``(B, P, V)`` logits (``B * P * V`` floats: gigabytes for long prompts and large
     vocabularies); Hugging Face's ``generate`` does the same with ``logits_to_keep=1``.
     """
-    return model.logits(hidden).float()  # (B, V)
+    return model.logits(hidden, weight=out_weight).float()  # (B, V)
 
 
 # ---------------------------------------------------------------------------------------------------- static decoding
@@ -201,6 +203,8 @@ def _decode_step(
     base_pos: torch.Tensor,
     rope_cos: torch.Tensor | None,
     rope_sin: torch.Tensor | None,
+    out_weight: torch.Tensor | None = None,
+    live: int | None = None,
 ) -> torch.Tensor:
     """One fixed-shape decoding step: float32 next-token logits ``(B, V)`` of ``ids`` ``(B, 1)`` written at ``slot``.
 
@@ -213,16 +217,29 @@ def _decode_step(
     by the caller with :func:`rope_cos_sin` for all steps at once: gathered inside the graph, Inductor inlines the
     gather into the attention's reduction loop and redoes it for every key (kernel profile at the rollout benchmark's
     size: 360 instead of 115 microseconds per layer).
+
+    ``live`` (eager steps only: a host integer, one more than ``slot``) narrows the step to the first ``live`` slots,
+    the ones written so far: attention then reads only them, not the whole preallocated cache (on the CPU the cached
+    keys and values are read from memory at every step; at the harness benchmark's 128-token generations the
+    written slots average two thirds of the capacity). The compiled step keeps ``live`` None: its shapes never
+    change.
     """
-    slots = torch.arange(key_ok.shape[1], device=ids.device)  # (S_max,)
-    mask = (key_ok & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max): written slots, no padding
+    s_max = key_ok.shape[1] if live is None else live
+    slots = torch.arange(s_max, device=ids.device)  # (S,)
+    mask = (key_ok[:, :s_max] & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S): written slots, no padding
     q_pos = base_pos + slot  # (B, 1)
     cache.pos.index_copy_(1, slot, q_pos)  # key positions (ALiBi)
     inputs = AttentionInputs(
-        cos=rope_cos, sin=rope_sin, mask=mask, q_pos=q_pos, k_pos=cache.pos, is_causal=False, cache_slot=slot
+        cos=rope_cos,
+        sin=rope_sin,
+        mask=mask,
+        q_pos=q_pos,
+        k_pos=cache.pos[:, :s_max],
+        is_causal=False,
+        cache_slot=slot,
     )
     hidden = model.hidden_states(ids, inputs, cache)[:, -1]  # (B, C)
-    return model.logits(hidden).float()  # (B, V)
+    return _last_logits(model, hidden, out_weight)  # (B, V)
 
 
 def static_decoding_supported(model) -> bool:
@@ -251,7 +268,11 @@ def finished_check_interval(device: torch.device) -> int:
 
 @contextlib.contextmanager
 def input_major_linear_weights(model: torch.nn.Module):
-    """While decoding on the CPU: every plain ``nn.Linear`` weight holds the same values stored input-major.
+    """While decoding on the CPU: every plain ``nn.Linear`` weight holds the same values stored input-major; yields
+    the output projection to pass to ``model.logits(..., weight=)``: an input-major copy of a tied embedding matrix
+    (``model.output_weight`` is ``wte.weight``: its rows must stay contiguous for the embedding lookup, so it is
+    copied rather than swapped; measured at the harness benchmark's 8192 x 256, 16 rows: 608 vs 877 microseconds
+    per product), else None (the model's own ``output_weight``, swapped with the other linear weights when it is one).
 
     Each weight keeps its shape ``(C_out, C_in)`` and its ``Parameter`` object; only its ``.data`` becomes
     ``w.t().contiguous().t()`` (memory ``(C_in, C_out)`` row-major) until the block exits, when the original storage
@@ -270,7 +291,9 @@ def input_major_linear_weights(model: torch.nn.Module):
                 continue
             swapped[id(w)] = (w, w.data)
             w.data = w.data.t().contiguous().t()
-        yield
+        out = getattr(model, "output_weight", None)
+        tied = out is not None and id(out) not in swapped and out.device.type == "cpu" and is_plain(out)
+        yield out.detach().t().contiguous().t() if tied else None
     finally:
         for w, data in swapped.values():
             w.data = data
@@ -338,11 +361,12 @@ class _Stepper:
                     _decode_step, backend=_COMPILE_BACKEND, dynamic=False, fullgraph=True, options=options
                 )
 
-    def __call__(self, *args) -> torch.Tensor:
+    def __call__(self, *args, live: int) -> torch.Tensor:
+        """One step; ``live``: the slots written after it (read only by the eager step, see :func:`_decode_step`)."""
         global _compile_error
         first, self.first = self.first, False
         if self.step is _decode_step:
-            return _decode_step(self.model, *args)
+            return _decode_step(self.model, *args, live=live)
         if not first:
             return self.step(self.model, *args)
         try:
@@ -356,7 +380,7 @@ class _Stepper:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return _decode_step(self.model, *args)
+            return _decode_step(self.model, *args, live=live)
 
 
 @torch.no_grad()
@@ -481,12 +505,12 @@ def generate(
             )
     layout = input_major_linear_weights(model) if static else contextlib.nullcontext()
     try:  # the model's mode and the pooled cache come back also when a step or ``stop`` raises
-        with layout:
+        with layout as out_weight:
             steps, token = 0, ids[:, -1]  # token: the one fed at the next step (set by each step)
             for i in range(n_new):
                 if i == 0 and use_cache:  # prefill: the whole prompt through the model's forward
                     hidden = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]  # (B, C)
-                    logits = _last_logits(model, hidden)
+                    logits = _last_logits(model, hidden, out_weight)
                 elif static:
                     logits = step_fn(
                         cache,
@@ -496,6 +520,8 @@ def generate(
                         base_pos,
                         None if rope_cos is None else rope_cos[i - 1],
                         None if rope_sin is None else rope_sin[i - 1],
+                        out_weight,
+                        live=p + i,
                     )
                     slot.add_(1)
                 elif use_cache:

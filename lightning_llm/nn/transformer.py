@@ -520,14 +520,16 @@ class Transformer(nn.Module):
             x = block(x, inputs, kv_cache)
         return self.norm_f(x)  # (B, T, C)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Project final hidden states ``(..., C)`` to logits ``(..., V)`` (padded vocabulary rows dropped).
 
         Callers that need only some positions (the last one while decoding, target positions in LAMBADA) select them
-        from ``forward(..., return_hidden=True)`` first and project just those.
+        from ``forward(..., return_hidden=True)`` first and project just those. ``weight``: the values of
+        :attr:`output_weight` in another memory layout, used instead of it (the decoder's input-major copy of a tied
+        embedding, :func:`~lightning_llm.nn.generation.input_major_linear_weights`).
         """
         bias = self.lm_head.bias if self.lm_head is not None else None
-        logits = F.linear(hidden, self.output_weight, bias)  # (..., V_padded)
+        logits = F.linear(hidden, self.output_weight if weight is None else weight, bias)  # (..., V_padded)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
         return logits

@@ -257,3 +257,44 @@ def test_reused_cache_gives_the_same_tokens() -> None:
         out.sequences, generate(model, other, max_new_tokens=5, temperature=0, use_cache=False).sequences
     )
     assert first.sequences.shape == out.sequences.shape
+
+
+def test_eager_steps_read_only_the_written_cache_slots(monkeypatch) -> None:
+    """The eager decode step attends over the slots written so far, not the whole preallocated cache: a cache whose
+    unwritten slots hold NaN (instead of the zeros a fresh or reused cache holds) still gives the tokens and
+    log-probabilities of full recomputation. Reading a NaN slot, even masked, would poison the output (0 x NaN)."""
+    model = model_for("alibi", seed=11)
+    fresh = generation._static_cache
+
+    def poisoned(model, batch, capacity):
+        cache = fresh(model, batch, capacity)
+        for t in (*cache.k, *cache.v):
+            t.fill_(float("nan"))
+        return cache
+
+    monkeypatch.setattr(generation, "_static_cache", poisoned)
+    out = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    ref = generate(model, PROMPTS, max_new_tokens=6, temperature=0, use_cache=False)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_output_projection_decodes_from_an_input_major_copy(monkeypatch) -> None:
+    """With tied embeddings the projection reads an input-major copy of ``wte.weight`` (same values; the embedding
+    itself keeps its row-major storage for the lookups), and the tokens equal full recomputation."""
+    model = model_for("rope", seed=12, tie_embeddings=True)
+    before = (model.wte.weight.data_ptr(), model.wte.weight.stride())
+    strides = []
+    logits = Transformer.logits
+
+    def spy(self, hidden, weight=None):
+        strides.append((weight if weight is not None else self.output_weight).stride())
+        return logits(self, hidden, weight)
+
+    monkeypatch.setattr(Transformer, "logits", spy)
+    out = generate(model, PROMPTS, max_new_tokens=4, temperature=0)
+    assert strides[0] == (1, 53) and set(strides) == {(1, 53)}  # (V, C) = (53, 32) stored input-major
+    assert (model.wte.weight.data_ptr(), model.wte.weight.stride()) == before
+    monkeypatch.setattr(Transformer, "logits", logits)
+    ref = generate(model, PROMPTS, max_new_tokens=4, temperature=0, use_cache=False)
+    assert torch.equal(out.sequences, ref.sequences)
