@@ -16,7 +16,7 @@ Tasks are local YAML files over a local .jsonl (no network), written to a tempor
 * ``bench_lambada``: ``lambada_openai``'s definition (``loglikelihood``; acc, perplexity) on the first ``--n`` passages
   of ``../shared/data/lambada_test.jsonl``;
 * ``bench_rolling``: ``loglikelihood_rolling`` over the same passages joined 8 at a time (word/byte perplexity);
-* ``bench_gen``: ``generate_until`` of ``--gen-tokens`` tokens after the first half of ``--n-gen`` passages, stopping
+* ``bench_gen_N``: ``generate_until`` of ``N`` tokens after the first half of ``--n-gen`` passages, stopping
   at a newline.
 
 Timed, per task kind: the model calls alone (``lm.loglikelihood(instances)`` etc. on the harness's own request
@@ -60,11 +60,11 @@ from lambada_harness import LAMBADA, build_model, read_lines  # noqa: E402
 TASKS = {
     "loglikelihood": "bench_lambada",
     "loglikelihood_rolling": "bench_rolling",
-    "generate_until": "bench_gen",
+    "generate_until": "bench_gen_{n}",  # one task per --gen-tokens value
 }
 
 
-def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: int) -> Path:
+def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: list[int]) -> Path:
     """The three local task YAMLs and their .jsonl files in ``folder``."""
 
     def jsonl(name: str, rows: list[dict]) -> Path:
@@ -96,13 +96,14 @@ def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: int) 
         + 'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
         + "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
     )
-    (folder / "bench_gen.yaml").write_text(
-        "task: bench_gen\n"
-        + common.format(kind="generate_until", path=gen_path)
-        + 'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{\' \' + answer}}"\n'
-        + f'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {gen_tokens}\n  do_sample: false\n'
-        + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-    )
+    for n in gen_tokens:  # one task per generation length
+        (folder / f"bench_gen_{n}.yaml").write_text(
+            f"task: bench_gen_{n}\n"
+            + common.format(kind="generate_until", path=gen_path)
+            + 'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{\' \' + answer}}"\n'
+            + f'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {n}\n  do_sample: false\n'
+            + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        )
     return folder
 
 
@@ -166,7 +167,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=300, help="LAMBADA passages")
     p.add_argument("--n-gen", type=int, default=32, help="passages of the generation task")
-    p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--gen-tokens", default="16,256",
+                   help="comma-separated generation lengths, one generate_until row each (the harness's default "
+                        "max_gen_toks is 256; 16 tokens is mostly the prompts' prefill)")  # fmt: skip
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
@@ -194,14 +197,18 @@ def main() -> None:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         model_dir = build_model(tmp / "model", heldout, args.vocab, args.layers, args.width, 0)
-        folder = write_tasks(tmp, passages, args.n_gen, args.gen_tokens)
+        gen_tokens = [int(n) for n in args.gen_tokens.split(",")]
+        folder = write_tasks(tmp, passages, args.n_gen, gen_tokens)
         print(f"model + tokenizer built in {time.perf_counter() - t0:.1f}s; device {args.device}, "
               f"threads {torch.get_num_threads()}; load average before: {os.getloadavg()[0]:.2f}")  # fmt: skip
         hflm = HFLM(pretrained=str(model_dir), batch_size=args.batch_size, device=args.device)
         ours = HarnessLM(str(model_dir), batch_size=args.batch_size, device=args.device, compile=args.compile)
         rows = []
-        for kind in args.kinds.split(","):
-            task = TASKS[kind]
+        runs = [
+            (kind, n) for kind in args.kinds.split(",") for n in (gen_tokens if kind == "generate_until" else [None])
+        ]
+        for kind, n in runs:
+            task = TASKS[kind].format(n=n)
             best = {"HFLM": math.inf, "HarnessLM": math.inf}
             first = {}  # the first simple_evaluate of each side: warm-up (and compilation) included
             results = {}
@@ -221,7 +228,8 @@ def main() -> None:
                     seconds, cpu, outs[name] = run_requests(lm, kind, instances, args.device)
                     lm_best[name] = min(lm_best[name], seconds)
                     cpu_best[name] = min(cpu_best[name], cpu)
-            rows.append({"kind": kind, "task": task, "requests": len(instances), "seconds": best, "first_run": first,
+            label = kind if n is None else f"{kind} ({n} tokens)"
+            rows.append({"kind": label, "task": task, "requests": len(instances), "seconds": best, "first_run": first,
                          "speedup": best["HFLM"] / best["HarnessLM"], "lm_seconds": lm_best,
                          "lm_speedup": lm_best["HFLM"] / lm_best["HarnessLM"], "lm_cpu_seconds": cpu_best,
                          "lm_cpu_speedup": cpu_best["HFLM"] / cpu_best["HarnessLM"], "results": results,
