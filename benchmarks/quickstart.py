@@ -8,8 +8,8 @@ lightning_llm`` if it is missing) in a fresh temporary folder, with ``LIGHTNING_
 folder so nothing trained or tokenized earlier is reused. Reported: each command's wall time and exit status, the
 closing validation perplexity against the validation split's unigram perplexity (``fit_metrics.json``; the issue's
 goal: a ratio below 0.15 within 2.5 minutes on a quiet 2-core machine) and the evaluation report's summary
-(``report.json``). Extra arguments after ``--`` go to ``fit`` (a smoke run: ``-- --trainer.max_steps 20
---trainer.val_check_interval 20``; the checkpoint that ``evaluate`` reads is written at a validation).
+(``report.json``). Extra arguments after ``--`` go to ``fit`` (a smoke run: ``-- --trainer.max_steps 20``; the
+CLI's ``FinalCheckpoint`` saves the last step for ``evaluate`` to read when no validation ran there).
 
 ``--recipe alignment`` runs the post-training quickstarts the same way, each in its own empty folder with its own empty
 cache: ``rlhf/reward_quickstart``, ``rlhf/dpo_quickstart``, ``rlhf/ppo_quickstart``, ``rlhf/grpo_quickstart``,

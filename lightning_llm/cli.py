@@ -90,7 +90,8 @@ def _resolve_configs(argv: list[str]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ LightningCLI
 class LightningLLMCLI(LightningCLI):
-    """LightningCLI with the data's vocabulary linked to the model, metric files written, the tokenizer saved."""
+    """LightningCLI with the data's vocabulary linked to the model, metric files written, the tokenizer saved, and a
+    checkpoint of the final weights when ``fit`` ends past the last validation (:class:`FinalCheckpoint`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
@@ -107,11 +108,13 @@ class LightningLLMCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        from lightning_llm.callbacks.final_checkpoint import FinalCheckpoint
         from lightning_llm.callbacks.metrics_file import MetricsFile
 
         trainer = super().instantiate_trainer(**kwargs)
-        if not any(isinstance(c, MetricsFile) for c in trainer.callbacks):
-            trainer.callbacks.append(MetricsFile())
+        for kind in (MetricsFile, FinalCheckpoint):
+            if not any(isinstance(c, kind) for c in trainer.callbacks):
+                trainer.callbacks.append(kind())
         return trainer
 
     def after_fit(self) -> None:

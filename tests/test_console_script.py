@@ -69,6 +69,18 @@ def test_fit_exits_zero_and_writes_metrics_checkpoint_tokenizer(fitted):
     assert fitted["ckpt"].stat().st_size > 0
 
 
+def test_a_fit_shorter_than_the_validation_interval_still_leaves_its_checkpoint(tmp_path):
+    """The quickstart shortened below its preset's ``val_check_interval`` (250): Lightning's default checkpoint alone
+    would write nothing; the CLI's FinalCheckpoint saves the final step, which ``export`` then reads."""
+    from lightning_llm.checkpoint import load_checkpoint
+
+    args = ["fit", "--config", "quickstart", "--trainer.max_steps", "3", *TINY[4:]]  # the preset validates at 250
+    _ok(run(args, tmp_path))
+    (ckpt,) = list(tmp_path.rglob("*.ckpt"))
+    assert load_checkpoint(ckpt)["global_step"] == 3 and "step=3" in ckpt.name
+    _ok(run(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "hf")], tmp_path))
+
+
 @pytest.mark.parametrize("stage", ["validate", "test"])
 def test_validate_and_test_from_the_checkpoint(fitted, stage, tmp_path):
     proc = _ok(run([stage, "--config", "quickstart", *TINY, "--ckpt_path", str(fitted["ckpt"])], tmp_path))

@@ -10,6 +10,7 @@ from lightning_llm.callbacks._utils import default_batch_fn, default_forward_fn
 from lightning_llm.callbacks.calibration_monitor import CalibrationMonitor
 from lightning_llm.callbacks.embedding_probe import EmbeddingProbe, embedding_stats, nearest_neighbours
 from lightning_llm.callbacks.eval_subset import EvalSubsetMonitor, subset_metrics
+from lightning_llm.callbacks.final_checkpoint import FinalCheckpoint
 from lightning_llm.callbacks.generation_samples import GenerationSamples
 from lightning_llm.callbacks.heap_trim import CPUHeapTrim
 from lightning_llm.callbacks.lambada_monitor import LambadaMonitor
@@ -25,6 +26,7 @@ __all__ = [
     "LearningCurves",
     "EmbeddingProbe",
     "EvalSubsetMonitor",
+    "FinalCheckpoint",
     "GenerationSamples",
     "LLMThroughputMonitor",
     "LambadaMonitor",
