@@ -279,7 +279,8 @@ def input_major_linear_weights(model: torch.nn.Module):
     is put back (also on an exception). ``F.linear`` then multiplies by a contiguous matrix (BLAS "NN") instead of a
     transposed one ("NT"): for the few rows of a decoding step MKL is much faster on NN (measured at the rollout
     benchmark's sizes, 16 rows: 11.3 vs 18.5 microseconds per product, 29 products per step), eager or compiled.
-    The copy costs one pass over the weights per :func:`generate` call (they do not change while decoding). Skipped
+    The copy costs one pass over the weights per :func:`generate` call (they do not change while decoding) and, while
+    it decodes, memory for a second copy of them (the original storage is kept to be put back). Skipped
     off the CPU (cuBLAS takes the transposed layout at full speed; the copy would only cost memory) and for tensor
     subclasses (DTensor). Weights shared by several layers are swapped once.
     """
