@@ -31,8 +31,9 @@ How it is computed is ours:
   continuations of one context.
 * **Batches cut where the padding is.** Rows sorted by length (longest first) are split into batches of at most
   ``batch_size`` rows by a dynamic programme minimising padded tokens plus a per-forward cost (:func:`_partition`):
-  on CPU, where the cost per token does not depend on the batch size (measured), a batch is cut wherever that saves
-  more than :data:`CPU_FORWARD_OVERHEAD_TOKENS` padded tokens; on accelerators only where it saves a whole row.
+  on CPU a batch is cut wherever that saves more than :data:`CPU_FORWARD_OVERHEAD_TOKENS` padded tokens, and holds at
+  most :data:`CPU_FORWARD_MAX_TOKENS` (the cost per token grows past it); on accelerators it is cut only where that
+  saves a whole row.
 * **Logits only where scored.** The final hidden states are projected to the vocabulary ONLY at the scored positions
   (our Transformer's ``return_hidden``; a full ``(B, T, V)`` log-softmax is what ``HFLM`` computes), a cache-sized
   chunk of rows at a time, log-probabilities from the one chunked kernel :func:`lightning_llm.ops.token_logprobs`;
@@ -86,9 +87,18 @@ DEFAULT_MAX_LENGTH = 2048
 
 CPU_FORWARD_OVERHEAD_TOKENS = 64
 """Fixed cost of one forward pass on CPU, in tokens, for :func:`_partition`. Measured on a 2-core x86 CPU with a
-4 x 256 GPT-2: ~70 us per token, flat from 1 to 32 rows of 100-700 tokens, and ~1 ms of dispatch per forward (~16
-tokens) on one thread; with several threads every op also synchronises them (much more when another process holds a
-core), hence 64: on 38 documents of ~700 tokens, 8 forwards and 0.9% padding instead of 3 forwards and 5%."""
+4 x 256 GPT-2: ~70 us per token and ~1 ms of dispatch per forward (~16 tokens) on one thread; with several threads
+every op also synchronises them (much more when another process holds a core), hence 64. (The cost per token is flat
+in the rows only up to a few thousand tokens a forward: :data:`CPU_FORWARD_MAX_TOKENS`.)"""
+
+CPU_FORWARD_MAX_TOKENS = 2048
+"""Most padded tokens in one forward pass on CPU (a single longer row still goes alone), for :func:`_partition`.
+
+On CPU the cost per token grows with the tokens of a forward once its activations outgrow the caches (measured on
+a 2-core AVX-512 x86 CPU, one thread, 4 x 256 GPT-2: 65-73 microseconds per token up to ~800 tokens a forward, 84-95
+from 3200 on, whatever the rows x width). In situ, the harness benchmark's 38 rolling documents of ~700 tokens:
+3.37-3.45 s with 2048 (19 forwards) against 3.59-3.66 s without a limit (8 forwards) and 3.50-3.53 s with 1024 (38);
+1.79 against 1.88-1.89 s on two threads; its 300 LAMBADA requests (~90 tokens) batch as before."""
 
 _Row = tuple[list[int], list[tuple[int, list[int]]]]  # (input ids, [(first scored position, targets)])
 
@@ -99,20 +109,28 @@ def _is_ours(module: nn.Module) -> bool:
     return isinstance(module, Transformer)
 
 
-def _partition(widths: Sequence[int], max_rows: int, overhead: float) -> list[tuple[int, int]]:
-    """Split rows sorted by width, longest first, into consecutive batches ``[start, end)`` of at most ``max_rows``.
+def _partition(
+    widths: Sequence[int], max_rows: int, overhead: float, max_tokens: float = math.inf
+) -> list[tuple[int, int]]:
+    """Split rows sorted by width, longest first, into consecutive batches ``[start, end)`` of at most ``max_rows``
+    rows and at most ``max_tokens`` padded tokens (a single row may exceed it).
 
     Minimises ``sum(rows x width of the batch's first row) + overhead x number of batches`` exactly (dynamic
     programme over the cut points, ``O(n x max_rows)``): the padded tokens computed plus each forward's fixed cost
-    in tokens. ``overhead=inf`` gives the plain cut every ``max_rows`` rows.
+    in tokens. ``overhead=inf``: the fewest batches, then the least padding (with no token limit: the plain cut every
+    ``max_rows`` rows).
     """
     n = len(widths)
     if math.isinf(overhead):
-        return [(s, min(s + max_rows, n)) for s in range(0, n, max_rows)]
+        if math.isinf(max_tokens):
+            return [(s, min(s + max_rows, n)) for s in range(0, n, max_rows)]
+        overhead = float(sum(widths) * max_rows + 1)  # one batch more costs more than any padding
     best = [0.0] + [math.inf] * n
     cut = [0] * (n + 1)
     for end in range(1, n + 1):
         for start in range(max(0, end - max_rows), end):
+            if end - start > 1 and (end - start) * widths[start] > max_tokens:
+                continue
             cost = best[start] + (end - start) * widths[start] + overhead
             if cost < best[end]:
                 best[end], cut[end] = cost, start
@@ -369,8 +387,9 @@ class HarnessLM(TemplateLM):
     # ------------------------------------------------------------------ scoring
     def _batches(self, widths: list[int]) -> list[tuple[int, int]]:
         """Batches of rows sorted by width (longest first): :func:`_partition` with the device's forward cost."""
-        overhead = CPU_FORWARD_OVERHEAD_TOKENS if self.device.type == "cpu" else self.max_length
-        return _partition(widths, self.batch_size, overhead)
+        if self.device.type == "cpu":
+            return _partition(widths, self.batch_size, CPU_FORWARD_OVERHEAD_TOKENS, CPU_FORWARD_MAX_TOKENS)
+        return _partition(widths, self.batch_size, self.max_length)
 
     def _score(self, rows: list[_Row], greedy: bool = True) -> list[list[tuple[float, bool]]]:
         """Score a batch of rows: per row, per entry ``(first position p, targets)``, the summed log-probability of

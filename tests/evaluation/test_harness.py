@@ -437,21 +437,35 @@ def test_partition_is_the_cheapest_split():
     def cost(spans, widths, overhead):
         return sum((end - start) * widths[start] + overhead for start, end in spans)
 
+    def fits(span, widths, max_rows, max_tokens):  # one row always fits; more only within the token budget
+        rows = span[1] - span[0]
+        return 0 < rows <= max_rows and (rows == 1 or rows * widths[span[0]] <= max_tokens)
+
     rng = random.Random(0)
-    for _ in range(30):
-        n, max_rows, overhead = rng.randint(1, 9), rng.randint(1, 4), rng.choice([0, 3, 16, 100])
+    for _ in range(60):
+        n, max_rows, overhead = rng.randint(1, 9), rng.randint(1, 4), rng.choice([0, 3, 16, 100, math.inf])
+        max_tokens = rng.choice([math.inf, 30, 70, 120])
         widths = sorted((rng.randint(1, 60) for _ in range(n)), reverse=True)
-        spans = _partition(widths, max_rows, overhead)
+        spans = _partition(widths, max_rows, overhead, max_tokens)
         assert [s for s, _ in spans] == [0] + [e for _, e in spans[:-1]] and spans[-1][1] == n  # contiguous, all rows
-        assert all(0 < e - s <= max_rows for s, e in spans)
-        best = math.inf
+        assert all(fits(span, widths, max_rows, max_tokens) for span in spans)
+        if math.isinf(overhead) and math.isinf(max_tokens):  # the plain cut every max_rows rows
+            assert spans == [(s, min(s + max_rows, n)) for s in range(0, n, max_rows)]
+            continue
+
+        def key(sp, widths=widths, overhead=overhead):  # overhead inf: the fewest forwards, then the least padding
+            return (len(sp), cost(sp, widths, 0)) if math.isinf(overhead) else cost(sp, widths, overhead)
+
+        best = None
         for cuts in itertools.product([False, True], repeat=n - 1):
             bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
             split = list(zip(bounds[:-1], bounds[1:]))
-            if all(e - s <= max_rows for s, e in split):
-                best = min(best, cost(split, widths, overhead))
-        assert cost(spans, widths, overhead) == best
+            if all(fits(span, widths, max_rows, max_tokens) for span in split):
+                best = key(split) if best is None else min(best, key(split))
+        assert key(spans) == best
     assert _partition([9, 5, 5, 1, 1], 2, math.inf) == [(0, 2), (2, 4), (4, 5)]  # plain cut every max_rows rows
+    assert _partition([9, 5, 5, 1, 1], 4, 0, max_tokens=10) == [(0, 1), (1, 3), (3, 5)]  # 9 alone; 2 x 5 fits 10
+    assert _partition([20, 3], 4, 100, max_tokens=10) == [(0, 1), (1, 2)]  # a row wider than the budget goes alone
     assert _partition([], 4, 16) == []
 
 
