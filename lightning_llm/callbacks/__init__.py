@@ -1,5 +1,5 @@
 """Callbacks for any LightningModule: evaluation monitors, throughput/MFU, embedding health, loss-spike guard,
-generation samples. Each takes a ``batch_fn(module, batch) -> (logits, targets)`` or ``forward_fn(module, ids) ->
+generation samples, the heap trim of CPU steps, metric files and the final checkpoint of a fit. Each takes a ``batch_fn(module, batch) -> (logits, targets)`` or ``forward_fn(module, ids) ->
 logits`` for models this package never saw.
 
 From YAML no Python object is needed: data are named (``dataset: embedded`` or a local file path), the tokenizer is
