@@ -45,6 +45,14 @@ How it is computed is ours:
   hook checks the stop sequences on the newest tokens of the rows still running (:meth:`HarnessLM._stop_test`), so
   a row stops at its first stop sequence and the batch as soon as every row has met one.
 
+**Chat templates** (``simple_evaluate(apply_chat_template=True)``, ``--apply_chat_template``, with
+``fewshot_as_multiturn``): the conversation is rendered as the model's data modules render it (one resolution,
+:func:`lightning_llm.data.preference.resolve_chat_template`): the ``chat_template`` argument (a Jinja string), else the
+Jinja template of the Hugging Face tokenizer the model or tokenizer directory carries (rendered as ``transformers``
+renders it, which is what ``HFLM`` calls: the same prompts, tested), else this project's default format
+(``"{role}: {content}\\n"`` per message, ``"assistant: "`` as the generation prompt: what ``SFTDataModule`` trains
+on when its tokenizer has no template). As in ``HFLM``, a template that rejects the system role is retried without it.
+
 **Data parallel.** When a ``torch.distributed`` process group with more than one process is initialised (or the
 process was launched by ``torchrun`` and ``distributed`` is not False: one is then initialised here, ``gloo`` on CPU,
 ``nccl`` on CUDA with ``cuda:LOCAL_RANK``), every request-level call shards its batches across the ranks (costliest
@@ -183,6 +191,10 @@ class HarnessLM(TemplateLM):
         distributed: shard requests across the ranks of a ``torch.distributed`` process group. None (default): when
             one with more than one process is initialised, or launched by ``torchrun`` (one is then initialised);
             True: the same, but an error when there is none; False: never (every process scores everything).
+        chat_template: the Jinja chat template ``apply_chat_template`` renders conversations with (the harness's
+            ``apply_chat_template=True``), or a :class:`~lightning_llm.data.preference.ChatTemplate`; default: the
+            template of the Hugging Face tokenizer in the ``tokenizer`` (else ``pretrained``) directory, else this
+            project's default format (the module docstring). Resolved at the first conversation.
         compile: ``generate_until`` decodes with the ``torch.compile``-d step (``generate(compile=True)``): the same
             tokens, each step faster, but every new (batch size, cache capacity) shape costs a compilation first
             (15-30 s on a CPU, once per process); worth it only for long generations. Default False.
@@ -206,6 +218,7 @@ class HarnessLM(TemplateLM):
         add_bos_token: bool | None = None,
         seed: int = 1234,
         distributed: bool | None = None,
+        chat_template: Any = None,
         compile: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -227,6 +240,15 @@ class HarnessLM(TemplateLM):
             )
         if not isinstance(compile, bool):
             raise ValueError(f"`compile` must be True or False, got {compile!r}.")
+        from lightning_llm.data.preference import ChatTemplate
+
+        if chat_template is not None and not isinstance(chat_template, (str, ChatTemplate)):
+            raise ValueError(
+                f"`chat_template` must be None (the tokenizer's own template), a Jinja template string or a "
+                f"ChatTemplate, got {type(chat_template).__name__}: {chat_template!r}."
+            )
+        self._chat_arg = chat_template
+        self._chat: ChatTemplate | None = None
         launched = _launched_by_torchrun()
         if device is None and launched and distributed is not False and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank, as accelerate does
@@ -237,6 +259,9 @@ class HarnessLM(TemplateLM):
                 "directory saved by Tokenizer.save, a Hugging Face tokenizer directory, or a Tokenizer object)."
             )
         self.tokenizer = tok
+        # where a Hugging Face tokenizer's own chat template may be read: a local directory only (no hub lookups)
+        sources = [s for s in (tokenizer, pretrained, self.lm.source) if isinstance(s, (str, os.PathLike))]
+        self._chat_source = next((str(s) for s in sources if os.path.isdir(os.path.expanduser(s))), None)
         self.module = self.lm.module
         self.ours = _is_ours(self.module)
         self._max_length = int(max_length) if max_length is not None else (self.lm.max_length or DEFAULT_MAX_LENGTH)
@@ -285,11 +310,48 @@ class HarnessLM(TemplateLM):
             "backend": "lightning_llm",
         }
 
+    @property
+    def conversation_template(self):
+        """The :class:`~lightning_llm.data.preference.ChatTemplate` conversations are rendered with (the class
+        docstring's ``chat_template``), resolved once."""
+        if self._chat is None:
+            from lightning_llm.data.preference import ChatTemplate, resolve_chat_template
+
+            arg = self._chat_arg
+            if isinstance(arg, ChatTemplate):
+                self._chat = arg
+            else:
+                tok = self.tokenizer if hasattr(self.tokenizer, "id_to_token") else None
+                self._chat = resolve_chat_template(arg, self._chat_source, tok)
+        return self._chat
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The Jinja template the harness records and hashes (``simple_evaluate(apply_chat_template=...)``): None
+        when templates are off (False / None), as ``HFLM``; the default format as Jinja when there is no template."""
+        if chat_template is False or chat_template is None:
+            return None
+        from lightning_llm.data.preference import DEFAULT_CHAT_TEMPLATE
+
+        return self.conversation_template.template or DEFAULT_CHAT_TEMPLATE
+
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        raise ValueError(
-            "HarnessLM has no chat template: the tokenizers lightning_llm trains carry none. Run the task without "
-            "`apply_chat_template` (the default), or format the conversation in the task's doc_to_text."
-        )
+        """The conversation as one prompt string, as ``HFLM`` renders it: ``add_generation_prompt`` opens the
+        assistant's turn; without it the last (assistant) message is left open to be continued
+        (``continue_final_message``). A template that raises on the system role is retried without it."""
+        import jinja2
+
+        def render(history: list[dict[str, str]]) -> str:
+            return self.conversation_template.apply_chat_template(
+                history,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt,
+            )
+
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError:
+            return render([m for m in chat_history if m.get("role") != "system"])
 
     # ------------------------------------------------------------------ tokenization
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:

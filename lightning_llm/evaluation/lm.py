@@ -55,6 +55,8 @@ class LanguageModel:
         max_length: longest input; default: the model's position limit (learned table / HF ``n_positions``), else
             unbounded (RoPE, ALiBi).
         name: shown in the report; default: the class name of ``model``.
+        source: the path the model was loaded from (:func:`resolve_model` sets it), or None: where a Hugging Face
+            tokenizer's chat template may be read (:class:`~lightning_llm.evaluation.HarnessLM`).
 
     Attributes:
         module: the network whose forward is called.
@@ -62,7 +64,12 @@ class LanguageModel:
     """
 
     def __init__(
-        self, model: nn.Module, device: str | torch.device | None = None, max_length: int | None = None, name: str = ""
+        self,
+        model: nn.Module,
+        device: str | torch.device | None = None,
+        max_length: int | None = None,
+        name: str = "",
+        source: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -70,6 +77,7 @@ class LanguageModel:
                 f"{type(model).__name__}. Use `resolve_model(path)` for a checkpoint or a Hugging Face directory."
             )
         self.name = name or type(model).__name__
+        self.source = source
         self.module = _network(model)
         if device is not None:
             self.module.to(device)
@@ -182,7 +190,8 @@ def resolve_model(
         by_path = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         network, stored = load_pretrained(model, device=device, dtype=dtype, tokenizer=by_path)
-        return LanguageModel(network, name=Path(model).name), stored if tokenizer is None or by_path else tokenizer
+        lm = LanguageModel(network, name=Path(model).name, source=str(model))
+        return lm, stored if tokenizer is None or by_path else tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer.from_pretrained(tokenizer)
     if isinstance(model, LanguageModel):

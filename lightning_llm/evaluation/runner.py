@@ -246,6 +246,13 @@ class HarnessPart:
         batch_size: rows per forward pass.
         max_gen_toks: new tokens for generation tasks that set none.
         bootstrap_iters: bootstrap resamples for the standard errors (0: none, fastest).
+        apply_chat_template: render each prompt as a conversation with the model's chat template (the harness's
+            `--apply_chat_template`; for chat / SFT models): the `chat_template` below, else the Hugging Face
+            tokenizer's own, else this project's default format (see HarnessLM).
+        fewshot_as_multiturn: with `apply_chat_template`, the few-shot examples as earlier turns of the conversation
+            (the harness's default) rather than one user message.
+        system_instruction: a system message put before each prompt (null: none).
+        chat_template: a Jinja chat template to use instead of the tokenizer's own (null: the tokenizer's).
     """
 
     enabled: bool = False
@@ -257,6 +264,10 @@ class HarnessPart:
     batch_size: int = 16
     max_gen_toks: int = 256
     bootstrap_iters: int = 0
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = True
+    system_instruction: str | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
@@ -273,6 +284,12 @@ class HarnessPart:
             )
         if self.num_fewshot is not None and (not isinstance(self.num_fewshot, int) or self.num_fewshot < 0):
             raise ValueError(f"`harness.num_fewshot` must be null or an int >= 0, got {self.num_fewshot!r}.")
+        for name in ("apply_chat_template", "fewshot_as_multiturn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`harness.{name}` must be true or false, got {getattr(self, name)!r}.")
+        for name in ("system_instruction", "chat_template"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"`harness.{name}` must be null or a string, got {getattr(self, name)!r}.")
         if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
             raise FileNotFoundError(
                 f"`harness.include_path`={self.include_path!r} is not a folder; pass the folder holding the task "
@@ -626,6 +643,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _part_harness(lm: LanguageModel, tok: Any, cfg: HarnessPart, seed: int) -> dict[str, Any]:
+    """``tok``: the tokenizer, or the tokenizer directory the user named (HarnessLM reads its chat template)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -640,11 +658,26 @@ def _part_harness(lm: LanguageModel, tok: Any, cfg: HarnessPart, seed: int) -> d
             + (f" nor defined in include_path={cfg.include_path!r}" if cfg.include_path else "")
             + "; check the names (`lm_eval ls tasks`) or the `task:` keys of your YAML files."
         )
-    model = HarnessLM(lm, tokenizer=tok, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks, seed=seed)
+    model = HarnessLM(
+        lm,
+        tokenizer=tok,
+        batch_size=cfg.batch_size,
+        max_gen_toks=cfg.max_gen_toks,
+        seed=seed,
+        chat_template=cfg.chat_template,
+    )
+    chat = {}
+    if cfg.apply_chat_template:  # passed only when on: older harness versions refuse multi-turn few-shot without it
+        chat = {
+            "apply_chat_template": True,
+            "fewshot_as_multiturn": cfg.fewshot_as_multiturn,
+            "system_instruction": cfg.system_instruction,
+        }
     res = lm_eval.simple_evaluate(
         model=model,
         tasks=list(cfg.tasks),
         num_fewshot=cfg.num_fewshot,
+        **chat,
         limit=cfg.limit,
         task_manager=manager,
         log_samples=False,
@@ -661,6 +694,7 @@ def _part_harness(lm: LanguageModel, tok: Any, cfg: HarnessPart, seed: int) -> d
         "n_shot": _jsonable(res.get("n-shot", {})),
         "n_samples": {k: int(v.get("effective", v.get("original", 0))) for k, v in res.get("n-samples", {}).items()},
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+        "chat_template": model.chat_template(True) if cfg.apply_chat_template else None,
     }
 
 
@@ -812,6 +846,7 @@ def evaluate(
     log = print if verbose else (lambda _msg: None)
     if device is None and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # under torchrun: one GPU per rank
+    tokenizer_arg = tokenizer
     lm, tokenizer = resolve_model(model, tokenizer, device, dtype)
     if tokenizer is None:
         raise ValueError(
@@ -861,7 +896,8 @@ def evaluate(
     if parts_cfg["embeddings"].enabled:
         _run(parts, "embeddings", lambda: _part_embeddings(lm, tokenizer, parts_cfg["embeddings"], seed), log)
     if parts_cfg["harness"].enabled:
-        _run(parts, "harness", lambda: _part_harness(lm, tokenizer, parts_cfg["harness"], seed), log)
+        harness_tok = tokenizer_arg if isinstance(tokenizer_arg, (str, os.PathLike)) else tokenizer  # its template
+        _run(parts, "harness", lambda: _part_harness(lm, harness_tok, parts_cfg["harness"], seed), log)
     report = {
         "model": {
             "name": lm.name,
