@@ -25,7 +25,8 @@ def _fmt(value: Any) -> str:
         if not math.isfinite(value):
             return str(value)
         return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return str(value)
+    # a table cell: a `|` would end it and a line break the row (a chat template has both); report.json keeps the text
+    return " ".join(str(value).replace("|", "\\|").split("\n"))
 
 
 def _jsonable(obj: Any) -> Any:

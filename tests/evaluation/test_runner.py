@@ -289,3 +289,17 @@ def test_perturbed_parts_score_each_distinct_text_once(model, tok, monkeypatch):
         assert out["perturbations"][name]["scored"] <= changed
     assert out["worst_case_acc"] == sum(worst) / len(examples)
     assert sum(scored) == sum(out["perturbations"][n]["scored"] for n in names) < len(names) * len(examples)
+
+
+def test_markdown_cells_hold_pipes_and_line_breaks():
+    """A string with `|` and line breaks (a chat template) stays one cell of one row of report.md's table."""
+    import re
+
+    from lightning_llm.evaluation.report import render_markdown
+
+    template = "{% for m in messages %}{{ m['content'] | trim }}\n{% endfor %}"
+    report = {"model": {}, "summary": {}, "parts": {"harness": {"status": "ok", "chat_template": template}}}
+    rows = [line for line in render_markdown(report).splitlines() if line.startswith("| chat_template")]
+    assert len(rows) == 1
+    cell = template.replace("|", "\\|").replace("\n", " ")  # the pipe escaped, the line break a space
+    assert re.split(r"(?<!\\)\|", rows[0]) == ["", " chat_template ", f" {cell} ", ""]
