@@ -10,7 +10,9 @@ LightningModules, a sharded checkpoint folder) or a module in memory runs the ha
     results = lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai", "arc_easy"])
 
 or, after ``import lightning_llm.evaluation.harness``, ``simple_evaluate(model="lightning_llm",
-model_args="pretrained=PATH")`` (the class is registered under ``lightning_llm``).
+model_args="pretrained=PATH")`` (the class is registered under ``lightning_llm``); from the shell, the harness's own
+command line: ``python -m lightning_llm.evaluation.harness_cli --model lightning_llm --model_args pretrained=PATH
+--tasks ...`` (:mod:`lightning_llm.evaluation.harness_cli`).
 
 What is computed is the harness's own definition (the same requests give the same numbers as its ``HFLM``, tested):
 

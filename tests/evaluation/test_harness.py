@@ -427,6 +427,31 @@ def test_unknown_harness_task_is_a_clear_error(tiny_dir, task_dir):
     assert "not harness tasks" in report["parts"]["harness"]["error"]
 
 
+def test_lm_eval_command_line_with_our_model_equals_its_hf_model(tiny_dir, task_dir, tmp_path):
+    """``python -m lightning_llm.evaluation.harness_cli --model lightning_llm ...`` (the harness's own command line, our
+    model registered) against ``python -m lm_eval --model hf ...`` on the same directory: exit 0, the same numbers."""
+    import subprocess
+    import sys
+
+    def run(module: str, model: str) -> dict:
+        out = tmp_path / model
+        args = [sys.executable, "-m", module, "--model", model, "--model_args", f"pretrained={tiny_dir}", "--device",
+                "cpu", "--tasks", "tiny_cloze,tiny_gen", "--include_path", str(task_dir), "--limit", "6",
+                "--batch_size", "4", "--output_path", str(out)]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (results,) = out.rglob("results_*.json")
+        return json.loads(results.read_text())["results"]
+
+    ours, ref = run("lightning_llm.evaluation.harness_cli", "lightning_llm"), run("lm_eval", "hf")
+    for task in ("tiny_cloze", "tiny_gen"):
+        for key, value in ref[task].items():
+            if isinstance(value, float) and "stderr" not in key:
+                assert ours[task][key] == pytest.approx(value, rel=1e-5), (task, key)
+    assert 0 < ours["tiny_cloze"]["acc,none"] < 1
+
+
 # ---------------------------------------------------------------------------------------------------- how it is computed
 def test_partition_is_the_cheapest_split():
     """``_partition`` against every split of the rows into consecutive batches (brute force over the cut points)."""
