@@ -15,6 +15,9 @@ Tasks are local YAML files over a local .jsonl (no network), written to a tempor
 
 * ``bench_lambada``: ``lambada_openai``'s definition (``loglikelihood``; acc, perplexity) on the first ``--n`` passages
   of ``../shared/data/lambada_test.jsonl``;
+* ``bench_mc``: a HellaSwag-shaped ``multiple_choice`` task (``loglikelihood`` requests) on the first ``--n-mc``
+  passages: the passage but its last 10 words is the context, and the choices are those 10 words and the last 10
+  of three other passages (4 multi-token endings per context: HarnessLM runs each context once);
 * ``bench_rolling``: ``loglikelihood_rolling`` over the same passages joined 8 at a time (word/byte perplexity);
 * ``bench_gen_N``: ``generate_until`` of ``N`` tokens after the first half of ``--n-gen`` passages, stopping
   at a newline.
@@ -59,13 +62,15 @@ from lambada_harness import LAMBADA, build_model, read_lines  # noqa: E402
 
 TASKS = {
     "loglikelihood": "bench_lambada",
+    "multiple_choice": "bench_mc",  # loglikelihood requests: 4 multi-token endings per context
     "loglikelihood_rolling": "bench_rolling",
     "generate_until": "bench_gen_{n}",  # one task per --gen-tokens value
 }
+METHOD = {"multiple_choice": "loglikelihood"}  # the LM method a task kind calls (default: the kind itself)
 
 
-def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: list[int]) -> Path:
-    """The three local task YAMLs and their .jsonl files in ``folder``."""
+def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: list[int], n_mc: int = 100) -> Path:
+    """The local task YAMLs and their .jsonl files in ``folder``."""
 
     def jsonl(name: str, rows: list[dict]) -> Path:
         path = folder / f"{name}.jsonl"
@@ -79,8 +84,25 @@ def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: list[
         words = t.split(" ")
         gen.append({"prompt": " ".join(words[: len(words) // 2]), "answer": " ".join(words[len(words) // 2 :])})
     gen_path = jsonl("gen", gen)
+    mc = []  # HellaSwag-shaped: a context, its own next 10 words and those of 3 other passages as the endings
+    for i, t in enumerate(passages[:n_mc]):
+        words = t.split(" ")
+        cut = max(1, len(words) - 10)
+        endings = [" ".join(words[cut:])]
+        for j in (1, 2, 3):
+            other = passages[(i + 7 * j) % len(passages)].split(" ")
+            endings.append(" ".join(other[-10:]))
+        order = [(i + j) % 4 for j in range(4)]  # the right ending moves around
+        mc.append({"context": " ".join(words[:cut]), "endings": [endings[k] for k in order], "label": order.index(0)})
+    mc_path = jsonl("mc", mc)
     common = (
         "output_type: {kind}\ntest_split: test\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
+    )
+    (folder / "bench_mc.yaml").write_text(
+        "task: bench_mc\n"
+        + common.format(kind="multiple_choice", path=mc_path)
+        + 'doc_to_text: "{{context}}"\ndoc_to_target: label\ndoc_to_choice: "{{endings}}"\n'
+        + "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
     (folder / "bench_lambada.yaml").write_text(
         "task: bench_lambada\n"
@@ -135,7 +157,7 @@ def run_requests(lm, kind: str, instances: list, device: str) -> tuple[float, fl
     """``(wall seconds, CPU seconds of this process, outputs)`` of one model call on the instances."""
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    out = getattr(lm, kind)(instances, disable_tqdm=True)
+    out = getattr(lm, METHOD.get(kind, kind))(instances, disable_tqdm=True)
     sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, out
 
@@ -167,6 +189,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=300, help="LAMBADA passages")
     p.add_argument("--n-gen", type=int, default=32, help="passages of the generation task")
+    p.add_argument("--n-mc", type=int, default=100, help="questions (4 endings each) of the multiple-choice task")
     p.add_argument("--gen-tokens", default="16,256",
                    help="comma-separated generation lengths, one generate_until row each (the harness's default "
                         "max_gen_toks is 256; 16 tokens is mostly the prompts' prefill)")  # fmt: skip
@@ -198,7 +221,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model_dir = build_model(tmp / "model", heldout, args.vocab, args.layers, args.width, 0)
         gen_tokens = [int(n) for n in args.gen_tokens.split(",")]
-        folder = write_tasks(tmp, passages, args.n_gen, gen_tokens)
+        folder = write_tasks(tmp, passages, args.n_gen, gen_tokens, args.n_mc)
         print(f"model + tokenizer built in {time.perf_counter() - t0:.1f}s; device {args.device}, "
               f"threads {torch.get_num_threads()}; load average before: {os.getloadavg()[0]:.2f}")  # fmt: skip
         hflm = HFLM(pretrained=str(model_dir), batch_size=args.batch_size, device=args.device)

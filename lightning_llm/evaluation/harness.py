@@ -31,6 +31,13 @@ How it is computed is ours:
   multiple-choice question that share the question and differ in a one-token answer; a short choice inside a longer
   one) is scored from the longer row at its own positions. The harness's ``HFLM`` shares only single-token
   continuations of one context.
+* **One forward per context for multi-token continuations.** Where the continuations of one context would still need
+  several rows (the choices of a multiple-choice question with multi-token answers: HellaSwag, ARC, PIQA), the
+  context runs once into a KV cache and each continuation runs over a copy of its cached keys and values
+  (:meth:`HarnessLM._score_contexts`): ``P + sum(n_i - 1)`` tokens instead of ``sum(P + n_i - 1)``. Positions follow
+  the attention mask, so every row still sees exactly its own input (tested against ``HFLM`` and against the Hugging
+  Face model's logits). Requests longer than ``max_length`` (left-truncated, so their contexts differ) keep the
+  path above.
 * **Batches cut where the padding is.** Rows sorted by length (longest first) are split into batches of at most
   ``batch_size`` rows by a dynamic programme minimising padded tokens plus a per-forward cost (:func:`_partition`):
   on CPU a batch is cut wherever that saves more than :data:`CPU_FORWARD_OVERHEAD_TOKENS` padded tokens, and holds at
@@ -162,6 +169,16 @@ def _assign(costs: Sequence[float], world: int) -> list[int]:
         owner[i] = r
         load[r] += costs[i]
     return owner
+
+
+def _entry_sums(
+    logp: torch.Tensor, miss: torch.Tensor, seg: torch.Tensor, n_entries: int, greedy: bool
+) -> list[tuple[float, bool]]:
+    """Per entry, the summed log-probability of its positions (``seg`` ``(K,)``: the entry of each) and whether
+    none of them missed the argmax (False without ``greedy``)."""
+    sums = torch.zeros(n_entries, dtype=logp.dtype).index_add_(0, seg, logp.cpu())  # (E,)
+    misses = torch.zeros(n_entries).index_add_(0, seg, miss.cpu())  # (E,)
+    return [(float(s), greedy and m == 0) for s, m in zip(sums.tolist(), misses.tolist())]
 
 
 def _fingerprint(units: Sequence[Any]) -> str:
@@ -481,33 +498,116 @@ class HarnessLM(TemplateLM):
         cols_t = torch.as_tensor(c_idx, dtype=torch.long)  # (K,)
         seg_t = torch.as_tensor(seg, dtype=torch.long)  # (K,)
         targets = torch.as_tensor(tgt, dtype=torch.long)  # (K,)
-        k = len(tgt)
         with torch.no_grad():
             if self.ours:
                 dev = self.device
                 hidden = self.module(inp.to(dev), return_hidden=True)  # (B, T, C)
                 sel = hidden[rows_t.to(dev), cols_t.to(dev)]  # (K, C): only the scored positions
-                targets = targets.to(dev)
-                logp = torch.empty(k, dtype=torch.float32, device=dev)  # (K,)
-                miss = torch.zeros(k, dtype=torch.float32, device=dev)  # (K,)
-                step = chunk_rows(self.module.config.vocab_size, dev)  # a (k, V) logits chunk stays cache-sized
-                for s in range(0, k, step):
-                    z = self.module.logits(sel[s : s + step])  # (k, V)
-                    logp[s : s + step] = token_logprobs(z, targets[s : s + step])
-                    if greedy:
-                        miss[s : s + step] = (z.argmax(dim=-1) != targets[s : s + step]).float()
+                logp, miss = self._project(sel, targets.to(dev), greedy)
             else:
                 logits = self.lm.logits(inp)[rows_t, cols_t]  # (K, V)
                 logp = token_logprobs(logits, targets)  # (K,) float32
                 miss = (logits.argmax(dim=-1) != targets).to(torch.float32)  # (K,)
-        sums = torch.zeros(n_entries, dtype=logp.dtype).index_add_(0, seg_t, logp.cpu())  # (E,)
-        misses = torch.zeros(n_entries).index_add_(0, seg_t, miss.cpu())  # (E,)
-        flat = [(float(s), greedy and m == 0) for s, m in zip(sums.tolist(), misses.tolist())]
+        flat = _entry_sums(logp, miss, seg_t, n_entries, greedy)
         out, e = [], 0
         for _, entries in rows:
             out.append(flat[e : e + len(entries)])
             e += len(entries)
         return out
+
+    def _project(
+        self, hidden: torch.Tensor, targets: torch.Tensor, greedy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log-probability (K,), 1.0 where the target is not the argmax (K,))`` of ``targets`` ``(K,)`` given
+        our model's final hidden states ``(K, C)``, projected to the vocabulary a cache-sized chunk of rows at a
+        time (the misses stay 0 without ``greedy``)."""
+        k = targets.shape[0]
+        logp = torch.empty(k, dtype=torch.float32, device=hidden.device)  # (K,)
+        miss = torch.zeros(k, dtype=torch.float32, device=hidden.device)  # (K,)
+        step = chunk_rows(self.module.config.vocab_size, hidden.device)  # a (k, V) logits chunk stays cache-sized
+        for s in range(0, k, step):
+            z = self.module.logits(hidden[s : s + step])  # (k, V)
+            logp[s : s + step] = token_logprobs(z, targets[s : s + step])
+            if greedy:
+                miss[s : s + step] = (z.argmax(dim=-1) != targets[s : s + step]).float()
+        return logp, miss
+
+    def _score_contexts(
+        self, groups: list[tuple[list[int], list[list[int]]]], greedy: bool = True
+    ) -> list[list[tuple[float, bool]]]:
+        """Score groups of continuations that share one context: per group ``(context, [continuation, ...])``, per
+        continuation its summed log-probability and greedy flag (:meth:`_score`'s quantities).
+
+        The contexts run once, left-padded into one KV cache; the first token of every continuation is scored from
+        its context's last hidden state, and the rest of each continuation (its tokens but the last, right-padded)
+        runs over a copy of its context's cached keys and values, at most ``batch_size`` rows a forward. Positions
+        follow the attention mask, so a row sees exactly ``context + continuation[:-1]``: the input the harness
+        defines for it (:meth:`_loglikelihood_tokens`).
+        """
+        dev, model = self.device, self.module
+        g, pc = len(groups), max(len(ctx) for ctx, _ in groups)
+        ids = torch.full((g, pc), self.pad_id, dtype=torch.long)  # (G, P) left-padded contexts
+        mask = torch.zeros((g, pc), dtype=torch.long)  # (G, P)
+        for i, (ctx, _) in enumerate(groups):
+            ids[i, pc - len(ctx) :] = torch.as_tensor(ctx, dtype=torch.long)
+            mask[i, pc - len(ctx) :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        rows = [(i, cont) for i, (_, conts) in enumerate(groups) for cont in conts]  # one entry per continuation
+        with torch.no_grad():
+            cache = model.new_kv_cache(g, pc)
+            last = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]  # (G, C)
+            self._count(g, pc)
+            hidden = [last[torch.as_tensor([i for i, _ in rows], device=dev)]]  # the first target of every row
+            targets = [cont[0] for _, cont in rows]
+            seg = list(range(len(rows)))
+            long = sorted((r for r, (_, cont) in enumerate(rows) if len(cont) > 1), key=lambda r: -len(rows[r][1]))
+            for start in range(0, len(long), self.batch_size):
+                chunk = long[start : start + self.batch_size]
+                ts = len(rows[chunk[0]][1]) - 1  # longest first: the chunk's suffix width
+                owner = torch.as_tensor([rows[r][0] for r in chunk], device=dev)
+                suffix = torch.full((len(chunk), ts), self.pad_id, dtype=torch.long)  # (R, T) right-padded
+                suffix_mask = torch.zeros((len(chunk), ts), dtype=torch.long)  # (R, T)
+                for j, r in enumerate(chunk):
+                    cont = rows[r][1]
+                    suffix[j, : len(cont) - 1] = torch.as_tensor(cont[:-1], dtype=torch.long)
+                    suffix_mask[j, : len(cont) - 1] = 1
+                    targets.extend(cont[1:])
+                    seg.extend([r] * (len(cont) - 1))
+                rows_cache = model.new_kv_cache(len(chunk), pc + ts)
+                for buffers, source in ((rows_cache.k, cache.k), (rows_cache.v, cache.v)):
+                    for dst, src in zip(buffers, source):
+                        dst[:, :, :pc] = src.index_select(0, owner)
+                rows_cache.pos[:, :pc] = cache.pos.index_select(0, owner)
+                rows_cache.length = pc
+                full_mask = torch.cat((mask.index_select(0, owner), suffix_mask.to(dev)), dim=1)  # (R, P + T)
+                h = model(suffix.to(dev), attention_mask=full_mask, kv_cache=rows_cache, return_hidden=True)
+                self._count(len(chunk), ts)
+                hidden.append(h[suffix_mask.to(dev).bool()])  # (K_chunk, C): row by row, position by position
+            sel = torch.cat(hidden)  # (K, C)
+            logp, miss = self._project(sel, torch.as_tensor(targets, dtype=torch.long, device=dev), greedy)
+        flat = _entry_sums(logp, miss, torch.as_tensor(seg, dtype=torch.long), len(rows), greedy)
+        out, e = [], 0
+        for _, conts in groups:
+            out.append(flat[e : e + len(conts)])
+            e += len(conts)
+        return out
+
+    def _context_groups(self, requests: list[tuple[Any, list[int], list[int]]]) -> dict[tuple[int, ...], list[int]]:
+        """Requests to score by :meth:`_score_contexts`: context -> request indices, for each context (untruncated
+        inputs only) whose continuations would otherwise need several forward rows, each repeating the context
+        (the choices of a multiple-choice question with multi-token answers). Where one row holds them all (the
+        continuations but one are prefixes of it: one-token choices) the plain path is as cheap and keeps them."""
+        by_ctx: dict[tuple[int, ...], list[int]] = {}
+        for i, (_key, ctx, cont) in enumerate(requests):
+            if ctx and len(ctx) + len(cont) <= self.max_length + 1:
+                by_ctx.setdefault(tuple(ctx), []).append(i)
+        groups = {}
+        for ctx, members in by_ctx.items():
+            inputs = sorted({tuple(requests[i][2][:-1]) for i in members})  # what each row adds to the context
+            rows = sum(1 for a, b in zip(inputs, inputs[1:]) if b[: len(a)] != a) + 1  # prefixes ride along
+            if rows > 1:
+                groups[ctx] = members
+        return groups
 
     def _loglikelihood_tokens(
         self,
@@ -519,19 +619,45 @@ class HarnessLM(TemplateLM):
         """Score ``(cache_key, context_ids, continuation_ids)`` requests (the harness's token-level entry point).
 
         Each request's model input is ``full[:-1]`` with ``full = (context + continuation)[-(max_length + 1):]``
-        and its ``n`` scored positions are the last ones of that input. Inputs are grouped by prefix (one forward
-        for an input and every input it starts with; see the module docstring), identical entries scored once.
+        and its ``n`` scored positions are the last ones of that input. Continuations of one context that would
+        need several rows run over that context's KV cache (:meth:`_context_groups`, :meth:`_score_contexts`); the
+        other inputs are grouped by prefix (one forward for an input and every input it starts with; see the module
+        docstring). Identical entries are scored once.
         """
-        inputs: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}  # input -> targets -> requests
         for i, (_key, ctx, cont) in enumerate(requests):
             if len(cont) == 0:
                 raise ValueError(
                     f"request {i} ({str(_key)[:80]!r}) has an empty continuation after tokenization; every "
                     "continuation needs at least one token."
                 )
-            full = (list(ctx) + list(cont))[-(self.max_length + 1) :]
-            if len(full) < 2:
+            if len(ctx) + len(cont) < 2:
                 raise ValueError(f"request {i}: nothing to condition on (context and continuation are one token).")
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+
+        def put(i: int, score: tuple[float, bool]) -> None:
+            out[i] = score
+            if requests[i][0] is not None:  # rolling windows carry no cache key
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+
+        shared = self._context_groups(requests) if self.ours else {}
+        if shared:
+            contexts = sorted(shared, key=lambda c: (-len(c), c))  # longest first: each batch's first sets P
+            conts = {c: sorted({tuple(requests[i][2]) for i in shared[c]}) for c in contexts}  # distinct ones
+            spans = self._batches([len(c) for c in contexts])
+            units = [[(list(c), [list(t) for t in conts[c]]) for c in contexts[a:b]] for a, b in spans]
+            costs = [(b - a) * len(contexts[a]) + sum(len(t) - 1 for c in contexts[a:b] for t in conts[c])
+                     for a, b in spans]  # fmt: skip
+            for (a, b), unit_scores in zip(spans, self._map(units, costs, lambda u: self._score_contexts(u, greedy))):
+                for c, scores in zip(contexts[a:b], unit_scores):
+                    by_cont = dict(zip(conts[c], scores))
+                    for i in shared[c]:
+                        put(i, by_cont[tuple(requests[i][2])])
+        inputs: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}  # input -> targets -> requests
+        grouped = {i for members in shared.values() for i in members}
+        for i, (_key, ctx, cont) in enumerate(requests):
+            if i in grouped:
+                continue
+            full = (list(ctx) + list(cont))[-(self.max_length + 1) :]
             n = min(len(cont), len(full) - 1)
             inputs.setdefault(tuple(full[:-1]), {}).setdefault(tuple(full[-n:]), []).append(i)
         # an input that is a prefix of another is scored inside it: in lexicographic order, an input that is a
@@ -554,14 +680,11 @@ class HarnessLM(TemplateLM):
         ]
         costs = [len(batch) * len(ordered[batch[0]]) for batch in hosts]  # padded tokens
         scores = self._map(units, costs, lambda batch: self._score(batch, greedy=greedy))
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
         for batch, batch_scores in zip(hosts, scores):
             for h, row_scores in zip(batch, batch_scores):
                 for (j, targets), score in zip(rows[h], row_scores):
                     for i in inputs[ordered[j]][targets]:
-                        out[i] = score
-                        if requests[i][0] is not None:  # rolling windows carry no cache key
-                            self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+                        put(i, score)
         return out  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:

@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-TASKS = ["tiny_cloze", "tiny_mc", "tiny_rolling", "tiny_gen"]
+TASKS = ["tiny_cloze", "tiny_mc", "tiny_mc_long", "tiny_rolling", "tiny_gen"]
 
 
 def main(model_dir: str, task_dir: str, out_dir: str) -> None:

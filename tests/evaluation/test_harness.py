@@ -1,13 +1,15 @@
 """HarnessLM against lm-evaluation-harness's own HFLM: the same local tasks, the same tiny saved GPT-2.
 
-Four tasks, each a local YAML over a local .jsonl (no network): a LAMBADA-style cloze (loglikelihood), a
-multiple-choice task, a rolling-perplexity task (loglikelihood_rolling) and a generate_until task. The reference is
+Five tasks, each a local YAML over a local .jsonl (no network): a LAMBADA-style cloze (loglikelihood), two
+multiple-choice tasks (one-word answers; multi-token answers, which HarnessLM scores over each question's cached
+context), a rolling-perplexity task (loglikelihood_rolling) and a generate_until task. The reference is
 ``lm_eval.models.huggingface.HFLM`` on the very directory HarnessLM reads (converted by ``load_pretrained`` into our
 Transformer): accuracies must be identical and every per-sample log-likelihood within 1e-4.
 
 How HarnessLM computes (the end of the file): its batching (``_partition``) against a brute force over every split,
-the rank assignment against a hand-derived one, shared forward rows for inputs that are prefixes of one another against
-HFLM's token-level scores, and generation that stops early at a stop string against HFLM's generations. The
+the rank assignment against a hand-derived one, shared forward rows for inputs that are prefixes of one another and
+continuations run over their context's KV cache against HFLM's token-level scores (and, where lm-eval 0.4.13's HFLM
+scores a one-token continuation at the wrong position, against the Hugging Face model's own logits), and generation that stops early at a stop string against HFLM's generations. The
 data-parallel runs (2 gloo processes) are in ``test_harness_distributed.py``.
 """
 
@@ -83,7 +85,7 @@ def build_tiny_gpt2(directory: Path, steps: int = 80) -> Path:
 
 
 def write_tasks(directory: Path) -> Path:
-    """Four local task YAMLs (+ their .jsonl data) in ``directory``; returns it (the harness's include_path)."""
+    """Five local task YAMLs (+ their .jsonl data) in ``directory``; returns it (the harness's include_path)."""
     directory.mkdir(parents=True, exist_ok=True)
 
     def jsonl(name: str, rows: list[dict]) -> str:
@@ -101,6 +103,16 @@ def write_tasks(directory: Path) -> Path:
         choices = [s[-1], *wrong] if i % 2 else [*wrong, s[-1]]
         label = choices.index(s[-1]) if i % 3 else (choices.index(s[-1]) + 1) % 3  # every third key is wrong
         mc.append({"question": " ".join(s[:-1]), "choices": choices, "label": label})
+    # multi-token answers (2-3 words): each question's choices share its forward in HarnessLM. "Question: ...
+    # Answer:" keeps every context + continuation[:-1] distinct from the other requests' (see the shared-context test)
+    mc_long = []
+    for i in range(12):
+        s = rng.choice(SENTENCES).split()
+        k = 2 + i % 2
+        right = " ".join(s[-k:])
+        choices = [right, *(" ".join(rng.choice(SENTENCES).split()[-k:]) for _ in range(3))]
+        rng.shuffle(choices)
+        mc_long.append({"question": " ".join(s[:-k]), "choices": choices, "label": choices.index(right)})
     docs = [{"text": " ".join(_passages(6, seed=10 + i))} for i in range(4)]  # some longer than 64 tokens: windows
     gen = [{"prompt": " ".join(s.split()[:-2]), "answer": " ".join(s.split()[-2:])} for s in SENTENCES]
     tasks = {
@@ -129,6 +141,20 @@ dataset_kwargs:
 output_type: multiple_choice
 test_split: test
 doc_to_text: "{{{{question}}}}"
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""",
+        "tiny_mc_long": f"""task: tiny_mc_long
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {jsonl("mc_long", mc_long)}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}} Answer:"
 doc_to_target: label
 doc_to_choice: "{{{{choices}}}}"
 metric_list:
@@ -173,7 +199,7 @@ metric_list:
     return directory
 
 
-TASKS = ["tiny_cloze", "tiny_mc", "tiny_rolling", "tiny_gen"]
+TASKS = ["tiny_cloze", "tiny_mc", "tiny_mc_long", "tiny_rolling", "tiny_gen"]
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +260,7 @@ def test_results_match_hflm(both):
 
 def test_per_sample_loglikelihoods_match_hflm(both):
     ref, ours = both
-    for task in ("tiny_cloze", "tiny_mc", "tiny_rolling"):
+    for task in ("tiny_cloze", "tiny_mc", "tiny_mc_long", "tiny_rolling"):
         for r_resps, o_resps in zip(_sample_values(ref, task), _sample_values(ours, task), strict=True):
             for r, o in zip(r_resps, o_resps, strict=True):
                 r_ll = r[0][0] if isinstance(r[0], (list, tuple)) else r[0]
@@ -250,6 +276,7 @@ def test_results_are_not_trivial(both):
     _, ours = both
     assert 0 < ours["results"]["tiny_cloze"]["acc,none"] < 1
     assert 0 < ours["results"]["tiny_mc"]["acc,none"] < 1
+    assert 0 < ours["results"]["tiny_mc_long"]["acc,none"] < 1
     assert any(g[0][0].strip() for g in _sample_values(ours, "tiny_gen"))
 
 
@@ -528,6 +555,70 @@ def test_prefix_sharing_scores_like_hflm(tiny_dir):
         assert abs(lp - ref_lp) < 1e-4 and greedy == ref_greedy, (lp, ref_lp)
     assert got[2] == got[3]  # the duplicate: scored once
     assert any(g for _, g in ref) and not all(g for _, g in ref)  # the greedy flags are compared both ways
+
+
+def test_continuations_of_one_context_run_over_its_cache_and_score_like_hflm(tiny_dir, monkeypatch):
+    """Multi-token continuations of one context (multiple-choice answers) run the context once and the answers over
+    its cached keys and values: HFLM's numbers (its token-level ``_loglikelihood_tokens``, every request a full row),
+    fewer tokens than one row per answer, and the same scores as that plain path.
+
+    Contexts of different lengths share a batch (left padding); the answers are 1-5 tokens (right padding), one is the
+    model's own greedy continuation (``is_greedy`` True), one is repeated, and one request is longer than
+    ``max_length`` (left-truncated: it keeps the plain path).
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    from lightning_llm.evaluation import HarnessLM
+    from lightning_llm.nn.generation import generate
+
+    ours = HarnessLM(str(tiny_dir), batch_size=3, device="cpu")
+    rng = random.Random(5)
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    requests = []
+    for q in range(6):
+        ctx = ours.tok_encode(" ".join(rng.choice(words) for _ in range(rng.randint(2, 14))))
+        conts = [ours.tok_encode(" " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 4)))) for _ in range(3)]
+        if q == 0:  # the model's own greedy continuation
+            conts.append(generate(ours.module, [ctx], max_new_tokens=3, temperature=0.0).responses[0].tolist())
+        requests += [((f"q{q}", str(c)), ctx, cont) for c, cont in enumerate(conts)]
+    requests.append((("again", "0"), requests[1][1], requests[1][2]))
+    long_ctx = ours.tok_encode(" ".join(SENTENCES))[: N_POSITIONS + 4]  # longer than the 64 positions
+    requests += [(("long", str(c)), long_ctx, ours.tok_encode(cont)) for c, cont in enumerate([" the lazy", " a"])]
+    assert len(ours._context_groups(requests)) == 6  # every question but the truncated one
+
+    got = ours._loglikelihood_tokens(requests)
+    shared_tokens = ours.work["tokens"]
+    ref = HFLM(pretrained=str(tiny_dir), batch_size=1, device="cpu")._loglikelihood_tokens(requests)
+    for (lp, greedy), (ref_lp, ref_greedy) in zip(got, ref, strict=True):
+        assert abs(lp - ref_lp) < 1e-4 and greedy == ref_greedy, (lp, ref_lp)
+    assert got[3][1] is True and not all(g for _, g in got)  # (the greedy answer) flags compared both ways
+
+    plain = HarnessLM(str(tiny_dir), batch_size=3, device="cpu")
+    monkeypatch.setattr(plain, "_context_groups", lambda reqs: {})
+    for (lp, greedy), (plain_lp, plain_greedy) in zip(got, plain._loglikelihood_tokens(requests), strict=True):
+        assert abs(lp - plain_lp) < 1e-5 and greedy == plain_greedy
+    assert shared_tokens < plain.work["tokens"]  # each question's context ran once, not once per answer
+
+
+def test_a_one_token_continuation_beside_a_longer_one_scores_as_the_hf_model_does(tiny_dir):
+    """``(context A, [x])`` beside ``(A[:-1], [A[-1], y])``: both inputs are ``A``. lm-eval 0.4.13's HFLM groups them
+    (its one-token-continuation cache keys on context + continuation[:-1]) and scores ``x`` at the first of the
+    longer request's two positions, so its number for ``x`` changes when the other request is present. The reference
+    here is the Hugging Face model's own log-softmax after ``A``, computed directly."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_llm.evaluation import HarnessLM
+
+    ours = HarnessLM(str(tiny_dir), batch_size=4, device="cpu")
+    a, x = ours._encode_pair("the quick brown fox jumps over the lazy", " dog")
+    b, y = ours._encode_pair("the quick brown fox jumps over the", " lazy dog")
+    assert a == b + y[:1]  # the two inputs are the same tokens
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([a])).logits[0, -1].double(), -1)
+    alone = ours._loglikelihood_tokens([(("a", "x"), a, x)])[0][0]
+    together = ours._loglikelihood_tokens([(("a", "x"), a, x), (("b", "y"), b, y)])[0][0]
+    assert abs(alone - float(logp[x[0]])) < 1e-4 and abs(together - alone) < 1e-5
 
 
 def test_generation_stops_when_every_row_has_met_a_stop_sequence(tiny_dir):

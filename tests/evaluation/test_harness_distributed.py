@@ -1,6 +1,6 @@
 """HarnessLM data-parallel: 2 gloo processes under torchrun give exactly the one-process results (CPU).
 
-``_harness_dist_worker.py`` runs ``lm_eval.simple_evaluate`` on the four tiny local tasks of ``test_harness.py`` (a
+``_harness_dist_worker.py`` runs ``lm_eval.simple_evaluate`` on the five tiny local tasks of ``test_harness.py`` (a
 LAMBADA-style cloze, multiple choice, rolling perplexity, generate_until) and then calls ``loglikelihood``,
 ``loglikelihood_rolling`` and ``generate_until`` directly on the harness's request instances. It is launched twice,
 in parallel: as one plain process (the reference) and under ``torchrun --standalone --nproc-per-node 2``, where
