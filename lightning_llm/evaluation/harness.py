@@ -515,9 +515,7 @@ class HarnessLM(TemplateLM):
             e += len(entries)
         return out
 
-    def _project(
-        self, hidden: torch.Tensor, targets: torch.Tensor, greedy: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project(self, hidden: torch.Tensor, targets: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log-probability (K,), 1.0 where the target is not the argmax (K,))`` of ``targets`` ``(K,)`` given
         our model's final hidden states ``(K, C)``, projected to the vocabulary a cache-sized chunk of rows at a
         time (the misses stay 0 without ``greedy``)."""
@@ -540,7 +538,7 @@ class HarnessLM(TemplateLM):
 
         The contexts run once, left-padded into one KV cache; the first token of every continuation is scored from
         its context's last hidden state, and the rest of each continuation (its tokens but the last, right-padded)
-        runs over a copy of its context's cached keys and values, at most ``batch_size`` rows a forward. Positions
+        runs over a copy of its context's cached keys and values, batched as :meth:`_batches` cuts them. Positions
         follow the attention mask, so a row sees exactly ``context + continuation[:-1]``: the input the harness
         defines for it (:meth:`_loglikelihood_tokens`).
         """
@@ -561,8 +559,8 @@ class HarnessLM(TemplateLM):
             targets = [cont[0] for _, cont in rows]
             seg = list(range(len(rows)))
             long = sorted((r for r, (_, cont) in enumerate(rows) if len(cont) > 1), key=lambda r: -len(rows[r][1]))
-            for start in range(0, len(long), self.batch_size):
-                chunk = long[start : start + self.batch_size]
+            for start, end in self._batches([pc + len(rows[r][1]) - 1 for r in long]):  # what each row attends over
+                chunk = long[start:end]
                 ts = len(rows[chunk[0]][1]) - 1  # longest first: the chunk's suffix width
                 owner = torch.as_tensor([rows[r][0] for r in chunk], device=dev)
                 suffix = torch.full((len(chunk), ts), self.pad_id, dtype=torch.long)  # (R, T) right-padded
@@ -595,8 +593,11 @@ class HarnessLM(TemplateLM):
     def _context_groups(self, requests: list[tuple[Any, list[int], list[int]]]) -> dict[tuple[int, ...], list[int]]:
         """Requests to score by :meth:`_score_contexts`: context -> request indices, for each context (untruncated
         inputs only) whose continuations would otherwise need several forward rows, each repeating the context
-        (the choices of a multiple-choice question with multi-token answers). Where one row holds them all (the
-        continuations but one are prefixes of it: one-token choices) the plain path is as cheap and keeps them."""
+        (the choices of a multiple-choice question with multi-token answers), and at least as long as those rows'
+        continuation tokens on average: the saving must outweigh the second forward pass and the cache copies
+        (rolling windows share a one-token context with long continuations: not worth it). Where one row holds them
+        all (the continuations but one are prefixes of it: one-token choices) the plain path is as cheap and keeps
+        them."""
         by_ctx: dict[tuple[int, ...], list[int]] = {}
         for i, (_key, ctx, cont) in enumerate(requests):
             if ctx and len(ctx) + len(cont) <= self.max_length + 1:
@@ -605,7 +606,7 @@ class HarnessLM(TemplateLM):
         for ctx, members in by_ctx.items():
             inputs = sorted({tuple(requests[i][2][:-1]) for i in members})  # what each row adds to the context
             rows = sum(1 for a, b in zip(inputs, inputs[1:]) if b[: len(a)] != a) + 1  # prefixes ride along
-            if rows > 1:
+            if rows > 1 and len(ctx) * len(inputs) >= sum(len(t) for t in inputs):
                 groups[ctx] = members
         return groups
 

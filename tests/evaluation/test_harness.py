@@ -585,6 +585,8 @@ def test_continuations_of_one_context_run_over_its_cache_and_score_like_hflm(tin
     long_ctx = ours.tok_encode(" ".join(SENTENCES))[: N_POSITIONS + 4]  # longer than the 64 positions
     requests += [(("long", str(c)), long_ctx, ours.tok_encode(cont)) for c, cont in enumerate([" the lazy", " a"])]
     assert len(ours._context_groups(requests)) == 6  # every question but the truncated one
+    # rolling windows: a one-token context before long continuations saves nothing worth a second pass
+    assert ours._context_groups([(None, [0], list(range(1, 30))), (None, [0], list(range(2, 40)))]) == {}
 
     got = ours._loglikelihood_tokens(requests)
     shared_tokens = ours.work["tokens"]
