@@ -540,7 +540,8 @@ class HarnessLM(TemplateLM):
         its context's last hidden state, and the rest of each continuation (its tokens but the last, right-padded)
         runs over a copy of its context's cached keys and values, batched as :meth:`_batches` cuts them. Positions
         follow the attention mask, so a row sees exactly ``context + continuation[:-1]``: the input the harness
-        defines for it (:meth:`_loglikelihood_tokens`).
+        defines for it (:meth:`_loglikelihood_tokens`). Memory: the contexts' cache (``G x layers x P x C`` keys and
+        as many values) is held while their continuations run, beside one batch's copy of it.
         """
         dev, model = self.device, self.module
         g, pc = len(groups), max(len(ctx) for ctx, _ in groups)
