@@ -181,6 +181,31 @@ def _last_logits(model, hidden: torch.Tensor, out_weight: torch.Tensor | None = 
     return model.logits(hidden, weight=out_weight).float()  # (B, V)
 
 
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the prompts ``(B, P)`` through the model into ``cache`` (filling its first P slots, ``length`` = P) and
+    return the last position's hidden states ``(B, C)``.
+
+    Identical rows (the same ids and mask: GRPO / RLOO draw several completions per prompt, the harness repeats a
+    request) run once: the U distinct prompts fill a U-row cache whose slots are then copied to every row that
+    repeats them. The forward costs U rows instead of B (Hugging Face's ``generate(num_return_sequences=G)`` runs
+    all B); every copy of a prompt gets the same keys, values and logits, which it would anyway up to the float
+    rounding of a different batch composition.
+    """
+    b, p = ids.shape
+    if b > 1:
+        rows, inverse = torch.unique(torch.cat((ids, mask.to(ids.dtype)), dim=1), dim=0, return_inverse=True)
+        if rows.shape[0] < b:
+            k = cache.k[0]  # (B, G, S_max, D): the cache's layout and dtype, U rows and P slots
+            once = KVCache(len(cache.k), rows.shape[0], k.shape[1], p, k.shape[3], device=k.device, dtype=k.dtype)
+            hidden = model(rows[:, :p], attention_mask=rows[:, p:], kv_cache=once, return_hidden=True)[:, -1]
+            for dst, src in zip((*cache.k, *cache.v), (*once.k, *once.v)):
+                dst[:, :, :p] = src.index_select(0, inverse)
+            cache.pos[:, :p] = once.pos.index_select(0, inverse)
+            cache.length = p
+            return hidden.index_select(0, inverse)  # (B, C)
+    return model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]
+
+
 # ---------------------------------------------------------------------------------------------------- static decoding
 #: cache capacities are rounded up to a multiple of this when the decode step is compiled, so that prompts of
 #: different padded lengths share one compiled graph: each masked slot costs a little attention (measured 4.5
@@ -526,7 +551,7 @@ def generate(
             steps, token = 0, ids[:, -1]  # token: the one fed at the next step (set by each step)
             for i in range(n_new):
                 if i == 0 and use_cache:  # prefill: the whole prompt through the model's forward
-                    hidden = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]  # (B, C)
+                    hidden = _prefill(model, ids, mask, cache)  # (B, C)
                     logits = _last_logits(model, hidden, out_weight)
                 elif static:
                     logits = step_fn(

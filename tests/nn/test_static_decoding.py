@@ -86,6 +86,36 @@ def test_static_path_sampling_equals_growing_cache_draws(monkeypatch) -> None:
     torch.testing.assert_close(static.logprobs, growing.logprobs, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_repeated_prompts_run_the_prefill_once(static: bool, monkeypatch) -> None:
+    """Prompts drawn several times (GRPO / RLOO completions) run through the prefill once each: its forward sees the
+    2 distinct prompts of 6 rows, and every row decodes exactly as when each prompt runs alone (full recomputation,
+    the reference) and as the plain prefill of all 6 rows, greedy and sampled (the same seed, the same draws)."""
+    model = model_for("alibi" if static else "rope", seed=21)
+    if not static:
+        monkeypatch.setattr(generation, "static_decoding_supported", lambda model: False)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    rows = []
+    hook = model.wte.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    greedy = generate(model, prompts, max_new_tokens=6, temperature=0)
+    hook.remove()
+    assert rows[0] == 2 and rows[1:] == [6] * 5  # the prefill of 2 distinct prompts, then 5 steps of every row
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], max_new_tokens=6, temperature=0, use_cache=False)
+        assert torch.equal(greedy.responses[i], alone.responses[0])
+        torch.testing.assert_close(greedy.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=1e-4)
+    kw = dict(max_new_tokens=6, temperature=1.0, eos_id=4)
+    sampled = generate(model, prompts, generator=torch.Generator().manual_seed(5), **kw)
+    monkeypatch.setattr(  # the reference: every row through the prefill
+        generation,
+        "_prefill",
+        lambda m, ids, mask, cache: m(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1],
+    )
+    plain = generate(model, prompts, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(sampled.sequences, plain.sequences) and torch.equal(sampled.response_mask, plain.response_mask)
+    torch.testing.assert_close(sampled.logprobs, plain.logprobs, atol=1e-5, rtol=1e-4)
+
+
 def test_dynamic_ntk_rope_takes_the_growing_cache() -> None:
     """Dynamic NTK changes the RoPE base with the sequence length: not a fixed-shape step; still exact."""
     model = model_for("rope", seed=4, rope_scaling={"type": "dynamic", "factor": 2.0})
