@@ -2,13 +2,16 @@
 iterations/s with where their time goes.
 
     python benchmarks/rollout.py [--device cpu|cuda] [--batch-size 16] [--prompt-len 32] [--new-tokens 64]
-                                 [--no-compile] [--json PATH]
+                                 [--group 4] [--no-compile] [--json PATH]
 
 Both models hold the SAME weights (a random ``LlamaForCausalLM`` converted with :func:`lightning_llm.hf.from_hf`);
 decoding is greedy with no EOS (every row generates ``new_tokens`` tokens), and the outputs are checked to be identical
 before timing. Tokens/s counts generated tokens (batch x new tokens), median of ``--repeats`` calls interleaved with
 the other sides'; tokens per CPU second divides by the CPU time of this process instead (all threads), which waiting
-for other processes on a shared machine does not inflate.
+for other processes on a shared machine does not inflate. A second measurement (``--group G``) decodes the same number
+of rows made of B / G distinct prompts each repeated G times, as GRPO and RLOO sample G completions of a prompt: our
+``generate`` runs each distinct prompt through the prefill once, ``transformers`` all B rows (what its
+``num_return_sequences`` does too).
 
 Our decoding is measured twice: with the compiled decode step (``generate(compile=True)``: ``torch.compile`` of the
 fixed-shape step, one graph per batch size and cache capacity) and eagerly (``compile=False``). The compiled step is
@@ -59,10 +62,13 @@ def tiny_llama(device: torch.device, vocab: int, hidden: int, layers: int, heads
     return hf, ours
 
 
-def bench_generation(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def bench_generation(args: argparse.Namespace, device: torch.device, group: int = 1) -> dict[str, float]:
+    """Our decoding and ``transformers``' on the same B rows; ``group`` > 1: B / group distinct prompts, each
+    repeated ``group`` times (completions per prompt, as GRPO / RLOO sample them; both sides get the same rows)."""
     hf, ours = tiny_llama(device, args.vocab, args.hidden, args.layers, args.heads)
     g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(1, args.vocab, (args.batch_size, args.prompt_len), generator=g).to(device)  # (B, P)
+    distinct = torch.randint(1, args.vocab, (args.batch_size // group, args.prompt_len), generator=g)
+    prompts = distinct.repeat_interleave(group, dim=0).to(device)  # (B, P)
     mask = torch.ones_like(prompts)
 
     def run_hf():
@@ -202,6 +208,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--group", type=int, default=4,
+                   help="a second generation measurement: B / group prompts, each repeated group times (1: skip)")  # fmt: skip
     p.add_argument("--ppo-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the table (rows + machine + commit) to this file")
@@ -216,6 +224,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gen = bench_generation(args, device)
+    grouped = bench_generation(args, device, args.group) if args.group > 1 else None
     online = {}  # (algorithm, compiled) -> (iterations/s, phases)
     for compile in (True, False) if args.compile else (False,):
         for algorithm in ("ppo", "rloo"):
@@ -225,21 +234,27 @@ def main() -> None:
         f"B={args.batch_size} P={args.prompt_len} N={args.new_tokens} "
         f"llama(hidden={args.hidden}, layers={args.layers}, vocab={args.vocab})"
     )
-    print(f"greedy outputs identical: {bool(gen['identical'])}")
+    identical = bool(gen["identical"]) and (grouped is None or bool(grouped["identical"]))
+    print(f"greedy outputs identical: {identical}")
     rows = []  # the printed table, one object a row, the same column names (written by --json)
-    for unit, suffix in (("tokens/s", "tok_s"), ("tokens per CPU second", "tok_cpu_s")):
-        hf = gen[f"hf_{suffix}"]
-        for side, label in (("ours", "compiled"), ("ours_eager", "eager")):
-            if f"{side}_{suffix}" in gen:
-                ours = gen[f"{side}_{suffix}"]
-                rows.append(
-                    {
-                        "measurement": f"generation {unit}, {label} decode step",
-                        "lightning_llm": round(ours),
-                        "transformers": round(hf),
-                        "ratio": f"{ours / hf:.2f}x",
-                    }
-                )
+    measured = [(gen, "", (("tokens/s", "tok_s"), ("tokens per CPU second", "tok_cpu_s")))]
+    if grouped is not None:
+        shape = f", {args.batch_size // args.group} prompts x {args.group} completions"
+        measured.append((grouped, shape, (("tokens/s", "tok_s"),)))
+    for result, shape, units in measured:
+        for unit, suffix in units:
+            hf = result[f"hf_{suffix}"]
+            for side, label in (("ours", "compiled"), ("ours_eager", "eager")):
+                if f"{side}_{suffix}" in result:
+                    ours = result[f"{side}_{suffix}"]
+                    rows.append(
+                        {
+                            "measurement": f"generation {unit}, {label} decode step{shape}",
+                            "lightning_llm": round(ours),
+                            "transformers": round(hf),
+                            "ratio": f"{ours / hf:.2f}x",
+                        }
+                    )
     for (algorithm, compile), (rate, _) in online.items():
         shape = (
             f"B={args.ppo_batch}, N=8, 4 epochs x 2 minibatches"
@@ -279,7 +294,7 @@ def main() -> None:
         args.json,
         rows,
         device,
-        identical=bool(gen["identical"]),
+        identical=identical,
         first_compiled_call_s=gen.get("first_call_s"),
         phases={"ppo": ppo_phases, "rloo": rloo_phases},
         args=vars(args),
