@@ -409,7 +409,8 @@ class Transformer(nn.Module):
         # mask: None means "plain lower triangle", which SDPA handles with is_causal=True (flash path on CUDA)
         # mask None means no masking is needed beyond the plain lower triangle, which SDPA handles with is_causal=True
         # (the flash path on CUDA); a single new query after a cache sees every slot, so it needs no mask at all
-        if attention_mask is not None and bool(attention_mask.all()):
+        # (eager only: under torch.compile the host read would break the graph; the mask path gives the same values)
+        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
             attention_mask = None
         mask, is_causal = None, past == 0
         if segment_ids is not None:  # packed rows: a query sees only keys of its own segment (example)

@@ -187,3 +187,10 @@ def test_compiled_forward_still_checks_ids():
         torch.testing.assert_close(compiled(ids, attention_mask=mask), model(ids, attention_mask=mask))
         with pytest.raises(ValueError, match="vocab_size"):
             compiled(torch.full((2, 6), 40), attention_mask=mask)
+        # no host read of the attention mask (all ones included) breaks the graph
+        for m in (mask, torch.ones_like(mask)):
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(model)(ids, attention_mask=m)
+            assert not any("item()" in r.reason for r in explained.break_reasons), explained.break_reasons
+            assert explained.graph_count == 1
+            torch.testing.assert_close(compiled(ids, attention_mask=m), model(ids, attention_mask=m))
