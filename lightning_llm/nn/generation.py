@@ -359,15 +359,6 @@ def _release_static_cache(model, cache: KVCache) -> None:
         _cache_pool[model] = (key, cache)
 
 
-def _unguarded():
-    """``torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)``, or a no-op before torch 2.6 (see
-    :class:`_Stepper`)."""
-    try:
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-    except (AttributeError, TypeError):  # torch < 2.6: no stance API, or no such flag
-        return contextlib.nullcontext()
-
-
 class _Stepper:
     """Runs :func:`_decode_step` for one :func:`generate` call: eagerly, or compiled.
 
@@ -380,12 +371,6 @@ class _Stepper:
     Dynamo compiles, or checks its guards) is taken for a compiler failure: warned about once per process, and
     decoding goes on eagerly with the same results (a genuine error then recurs eagerly and propagates). Later steps
     run the graph that first step chose, and their exceptions propagate.
-
-    Those later steps skip Dynamo's guard evaluation (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``,
-    torch >= 2.6, around the step call only): the first step of a call checked every guard, and until the call ends
-    nothing a guard reads changes (the same model, parameters, cache and output buffers; the other inputs are new
-    tensors of the same shapes, dtypes and strides), so the graph the first step chose stays the right one; only the
-    guards that tell the cached graphs apart still run.
     """
 
     def __init__(self, model, compile: bool, device: torch.device) -> None:
@@ -409,8 +394,7 @@ class _Stepper:
         if self.step is _decode_step:
             return _decode_step(self.model, *args, live=live)
         if not first:
-            with _unguarded():
-                return self.step(self.model, *args)
+            return self.step(self.model, *args)
         try:
             return self.step(self.model, *args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: warn once, decode eagerly

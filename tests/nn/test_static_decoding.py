@@ -221,31 +221,6 @@ def test_compiled_decode_step_traces_in_one_graph(monkeypatch) -> None:
     torch._dynamo.reset()
 
 
-def test_later_compiled_steps_skip_the_guards_yet_run_their_own_graph(monkeypatch) -> None:
-    """Every compiled step after a call's first runs under ``skip_guard_eval_unsafe`` (only the guards that tell the
-    cached graphs apart): with graphs cached for two batch sizes and two models of one shape, called in turns, each
-    call still gives its own eager tokens, and the compiler's stance is back to the default after every call."""
-    monkeypatch.setattr(generation, "_COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(generation, "_compiled_steps", {})
-    torch._dynamo.reset()
-    unguarded = []
-    real = generation._unguarded
-    monkeypatch.setattr(generation, "_unguarded", lambda: unguarded.append(1) or real())
-    a, b = model_for("rope", seed=1), model_for("rope", seed=2)
-    eager = {}
-    for name, model in (("a", a), ("b", b)):
-        for prompts in (PROMPTS[:3], PROMPTS):
-            eager[name, len(prompts)] = generate(model, prompts, max_new_tokens=6, temperature=0).sequences
-    assert not torch.equal(eager["a", 3], eager["b", 3])  # a graph run with the other model's weights would show
-    for name, prompts in (("a", PROMPTS[:3]), ("b", PROMPTS[:3]), ("a", PROMPTS), ("b", PROMPTS[:3]), ("a", PROMPTS)):
-        unguarded.clear()
-        out = generate(a if name == "a" else b, prompts, max_new_tokens=6, temperature=0, compile=True)
-        assert torch.equal(out.sequences, eager[name, len(prompts)]), name
-        assert len(unguarded) == 4  # 5 decode steps after the prefill: all but the first skip the guards
-        assert not torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe
-    torch._dynamo.reset()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("pos,n_kv_head", [("rope", 2), ("alibi", 1), ("learned", 4), ("sinusoidal", 2)])
 def test_compiled_decode_step_matches_eager(pos: str, n_kv_head: int, monkeypatch) -> None:
