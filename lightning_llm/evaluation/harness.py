@@ -573,15 +573,12 @@ class HarnessLM(TemplateLM):
                     targets.extend(cont[1:])
                     seg.extend([r] * (len(cont) - 1))
                 rows_cache = model.new_kv_cache(len(chunk), pc + ts)
-                for buffers, source in ((rows_cache.k, cache.k), (rows_cache.v, cache.v)):
-                    for dst, src in zip(buffers, source):
-                        dst[:, :, :pc] = src.index_select(0, owner)
-                rows_cache.pos[:, :pc] = cache.pos.index_select(0, owner)
-                rows_cache.length = pc
-                full_mask = torch.cat((mask.index_select(0, owner), suffix_mask.to(dev)), dim=1)  # (R, P + T)
+                rows_cache.copy_rows(cache, owner)  # each row starts from its context's cached keys and values
+                suffix_mask = suffix_mask.to(dev)
+                full_mask = torch.cat((mask.index_select(0, owner), suffix_mask), dim=1)  # (R, P + T)
                 h = model(suffix.to(dev), attention_mask=full_mask, kv_cache=rows_cache, return_hidden=True)
                 self._count(len(chunk), ts)
-                hidden.append(h[suffix_mask.to(dev).bool()])  # (K_chunk, C): row by row, position by position
+                hidden.append(h[suffix_mask.bool()])  # (K_chunk, C): row by row, position by position
             sel = torch.cat(hidden)  # (K, C)
             logp, miss = self._project(sel, torch.as_tensor(targets, dtype=torch.long, device=dev), greedy)
         flat = _entry_sums(logp, miss, torch.as_tensor(seg, dtype=torch.long), len(rows), greedy)

@@ -195,13 +195,9 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> to
     if b > 1:
         rows, inverse = torch.unique(torch.cat((ids, mask.to(ids.dtype)), dim=1), dim=0, return_inverse=True)
         if rows.shape[0] < b:
-            k = cache.k[0]  # (B, G, S_max, D): the cache's layout and dtype, U rows and P slots
-            once = KVCache(len(cache.k), rows.shape[0], k.shape[1], p, k.shape[3], device=k.device, dtype=k.dtype)
+            once = model.new_kv_cache(rows.shape[0], p, dtype=cache.k[0].dtype)  # U rows, P slots
             hidden = model(rows[:, :p], attention_mask=rows[:, p:], kv_cache=once, return_hidden=True)[:, -1]
-            for dst, src in zip((*cache.k, *cache.v), (*once.k, *once.v)):
-                dst[:, :, :p] = src.index_select(0, inverse)
-            cache.pos[:, :p] = once.pos.index_select(0, inverse)
-            cache.length = p
+            cache.copy_rows(once, inverse)
             return hidden.index_select(0, inverse)  # (B, C)
     return model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]
 

@@ -66,6 +66,17 @@ class KVCache:
         buf_v.index_copy_(2, slot, v.to(buf_v.dtype))
         return buf_k, buf_v
 
+    def copy_rows(self, source: KVCache, rows: torch.Tensor) -> None:
+        """Fill this cache's first ``source.length`` slots of every row ``i`` with row ``rows[i]`` of ``source``
+        (keys, values and positions; ``rows`` a ``(B,)`` long tensor of source rows, repeats allowed), and set
+        ``length`` to ``source.length``: one cached prefix shared by several rows (repeated prompts, the answers of
+        one multiple-choice context)."""
+        n = source.length
+        for dst, src in zip((*self.k, *self.v), (*source.k, *source.v)):
+            dst[:, :, :n] = src[:, :, :n].index_select(0, rows)
+        self.pos[:, :n] = source.pos[:, :n].index_select(0, rows)
+        self.length = n
+
     def advance(self, n: int) -> None:
         self.length += n
 

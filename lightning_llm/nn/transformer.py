@@ -406,10 +406,9 @@ class Transformer(nn.Module):
                 f"Position {int(q_pos.max())} is beyond the learned position table (block_size={cfg.block_size}); "
                 f"shorten the input to at most {cfg.block_size} tokens or build the model with a larger block_size."
             )
-        # mask: None means "plain lower triangle", which SDPA handles with is_causal=True (flash path on CUDA)
         # mask None means no masking is needed beyond the plain lower triangle, which SDPA handles with is_causal=True
-        # (the flash path on CUDA); a single new query after a cache sees every slot, so it needs no mask at all
-        # (eager only: under torch.compile the host read would break the graph; the mask path gives the same values)
+        # (the flash path on CUDA); a single new query after a cache sees every slot, so it needs no mask at all.
+        # Eager only: under torch.compile the host read would break the graph (the mask path gives the same values).
         if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
             attention_mask = None
         mask, is_causal = None, past == 0

@@ -115,6 +115,14 @@ def write_tasks(directory: Path) -> Path:
         mc_long.append({"question": " ".join(s[:-k]), "choices": choices, "label": choices.index(right)})
     docs = [{"text": " ".join(_passages(6, seed=10 + i))} for i in range(4)]  # some longer than 64 tokens: windows
     gen = [{"prompt": " ".join(s.split()[:-2]), "answer": " ".join(s.split()[-2:])} for s in SENTENCES]
+
+    def multiple_choice(task: str, data: str, text: str) -> str:
+        return (
+            f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f'output_type: multiple_choice\ntest_split: test\ndoc_to_text: "{text}"\ndoc_to_target: label\n'
+            'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n'
+        )
+
     tasks = {
         "tiny_cloze": f"""task: tiny_cloze
 dataset_path: json
@@ -133,34 +141,8 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """,
-        "tiny_mc": f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {jsonl("mc", mc)}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{question}}}}"
-doc_to_target: label
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""",
-        "tiny_mc_long": f"""task: tiny_mc_long
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {jsonl("mc_long", mc_long)}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "Question: {{{{question}}}} Answer:"
-doc_to_target: label
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""",
+        "tiny_mc": multiple_choice("tiny_mc", jsonl("mc", mc), "{{question}}"),
+        "tiny_mc_long": multiple_choice("tiny_mc_long", jsonl("mc_long", mc_long), "Question: {{question}} Answer:"),
         "tiny_rolling": f"""task: tiny_rolling
 dataset_path: json
 dataset_kwargs:
