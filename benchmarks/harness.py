@@ -3,7 +3,7 @@
     python benchmarks/harness.py                         # 300 LAMBADA passages, 3 task kinds, CPU
     python benchmarks/harness.py --n 100 --threads 1     # quicker
     python benchmarks/harness.py --device cuda --n 2000 --batch-size 64 --json out.json
-    python benchmarks/harness.py --kinds generate_until --compile   # HarnessLM(compile=True): compiled decode step
+    python benchmarks/harness.py --kinds generate_until --gen-modes compiled   # only HarnessLM(compile=True)
 
 The model is built here, offline, with ``benchmarks/lambada_harness.py``'s builder: a byte-level BPE (``--vocab``)
 trained on the embedded corpus, tinyshakespeare and the LAMBADA passages after the benchmarked ones, and a
@@ -20,16 +20,18 @@ Tasks are local YAML files over a local .jsonl (no network), written to a tempor
   of three other passages (4 multi-token endings per context: HarnessLM runs each context once);
 * ``bench_rolling``: ``loglikelihood_rolling`` over the same passages joined 8 at a time (word/byte perplexity);
 * ``bench_gen_N``: ``generate_until`` of ``N`` tokens after the first half of ``--n-gen`` passages, stopping
-  at a newline.
+  at a newline; timed once per ``--gen-modes`` entry: HarnessLM's eager decode step (the default,
+  ``compile=False``) and its compiled one (a second ``HarnessLM(compile=True)`` on the same directory).
 
 Timed, per task kind: the model calls alone (``lm.loglikelihood(instances)`` etc. on the harness's own request
 instances, built once: tokenizing, batching, scoring) and the whole ``lm_eval.simple_evaluate`` (adds building the
 dataset, the requests and the metrics, the same for both sides); model loading is not timed. Runs alternate (HFLM,
 ours, HFLM, ours...) and the minimum over ``--repeats`` is reported, with the results of both, which must agree
 (accuracies equal, log-likelihood metrics to 1e-4 relative, every per-request output too). The minimum leaves out
-the warm-up, which the first ``simple_evaluate`` of each side pays: it is reported on its own ("first run"). With
-``--compile`` that warm-up includes compiling HarnessLM's decode step for each new batch shape (tens of seconds on
-a CPU); the other columns are then the compiled steady state.
+the warm-up, which the first ``simple_evaluate`` of each side pays: it is reported on its own ("first run"). For a
+compiled row that warm-up includes compiling HarnessLM's decode step, once per batch size (tens of seconds on a CPU;
+every prompt width and generation length reuses the graph, so only the first compiled row pays it); the other
+columns are then the compiled steady state.
 
 The model calls are timed twice: wall-clock, and the CPU time of this process (``time.process_time``, all threads).
 On a shared machine the wall time of a multi-threaded run also measures the other users (a thread that waits for a
@@ -201,7 +203,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--kinds", default=",".join(TASKS), help="comma-separated task kinds to time")
-    p.add_argument("--compile", action="store_true", help="HarnessLM(compile=True): the compiled decode step")
+    p.add_argument("--gen-modes", default="eager,compiled",
+                   help="comma-separated HarnessLM decode steps for the generate_until rows: eager (compile=False, "
+                        "the default) and/or compiled (compile=True), a row each")  # fmt: skip
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     if args.threads:
@@ -225,12 +229,22 @@ def main() -> None:
         print(f"model + tokenizer built in {time.perf_counter() - t0:.1f}s; device {args.device}, "
               f"threads {torch.get_num_threads()}; load average before: {os.getloadavg()[0]:.2f}")  # fmt: skip
         hflm = HFLM(pretrained=str(model_dir), batch_size=args.batch_size, device=args.device)
-        ours = HarnessLM(str(model_dir), batch_size=args.batch_size, device=args.device, compile=args.compile)
+        kinds, modes = args.kinds.split(","), args.gen_modes.split(",")
+        if not set(modes) <= {"eager", "compiled"}:
+            p.error(f"--gen-modes takes eager and/or compiled, got {args.gen_modes!r}")
+        harness_lms = {"eager": HarnessLM(str(model_dir), batch_size=args.batch_size, device=args.device)}
+        if "generate_until" in kinds and "compiled" in modes:
+            harness_lms["compiled"] = HarnessLM(str(model_dir), batch_size=args.batch_size, device=args.device,
+                                                compile=True)  # fmt: skip
         rows = []
         runs = [
-            (kind, n) for kind in args.kinds.split(",") for n in (gen_tokens if kind == "generate_until" else [None])
+            (kind, n, mode)
+            for kind in kinds
+            for n in (gen_tokens if kind == "generate_until" else [None])
+            for mode in (modes if kind == "generate_until" else ["eager"])
         ]
-        for kind, n in runs:
+        for kind, n, mode in runs:
+            ours = harness_lms[mode]
             task = TASKS[kind].format(n=n)
             best = {"HFLM": math.inf, "HarnessLM": math.inf}
             first = {}  # the first simple_evaluate of each side: warm-up (and compilation) included
@@ -251,14 +265,14 @@ def main() -> None:
                     seconds, cpu, outs[name] = run_requests(lm, kind, instances, args.device)
                     lm_best[name] = min(lm_best[name], seconds)
                     cpu_best[name] = min(cpu_best[name], cpu)
-            label = kind if n is None else f"{kind} ({n} tokens)"
-            rows.append({"kind": label, "task": task, "requests": len(instances), "seconds": best, "first_run": first,
+            label = kind if n is None else f"{kind} ({n} tokens{', compiled' if mode == 'compiled' else ''})"
+            rows.append({"kind": label, "task": task, "mode": mode, "requests": len(instances), "seconds": best, "first_run": first,
                          "speedup": best["HFLM"] / best["HarnessLM"], "lm_seconds": lm_best,
                          "lm_speedup": lm_best["HFLM"] / lm_best["HarnessLM"], "lm_cpu_seconds": cpu_best,
                          "lm_cpu_speedup": cpu_best["HFLM"] / cpu_best["HarnessLM"], "results": results,
                          "agree": same and same_outputs(outs["HFLM"], outs["HarnessLM"])})  # fmt: skip
         print(f"\n{args.n} passages, {args.layers} x {args.width} GPT-2, vocab {args.vocab}, batch {args.batch_size}, "
-              f"HarnessLM compile={args.compile}; load average after: {os.getloadavg()[0]:.2f}\n")  # fmt: skip
+              f"generate_until decode steps: {args.gen_modes}; load average after: {os.getloadavg()[0]:.2f}\n")  # fmt: skip
         print("| request type | requests | model calls: HFLM s | HarnessLM s | speed-up | CPU: HFLM s | HarnessLM s | "
               "speed-up | simple_evaluate: HFLM s | HarnessLM s | speed-up | first run: HFLM s | HarnessLM s | "
               "results agree | HFLM | HarnessLM |")  # fmt: skip

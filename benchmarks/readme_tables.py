@@ -217,12 +217,14 @@ def _harness(payload: dict) -> list[str]:
 
     rows = [
         [r["kind"], r["requests"], f"{r['lm_seconds']['HFLM']:.2f}", f"{r['lm_seconds']['HarnessLM']:.2f}",
-         f"{r['lm_speedup']:.2f}x", f"{r['lm_cpu_speedup']:.2f}x", f"{r['speedup']:.2f}x", r["agree"],
+         f"{r['lm_speedup']:.2f}x", f"{r['lm_cpu_speedup']:.2f}x", f"{r['speedup']:.2f}x",
+         f"{r['first_run']['HFLM']:.2f} / {r['first_run']['HarnessLM']:.2f}", r["agree"],
          fmt(r["results"]["HarnessLM"])]
         for r in payload["rows"]
     ]  # fmt: skip
     header = ["request type", "requests", "model calls: HFLM s", "HarnessLM s", "speed-up", "CPU-time speed-up",
-              "simple_evaluate speed-up", "results agree", "HarnessLM's results"]  # fmt: skip
+              "simple_evaluate speed-up", "first simple_evaluate s: HFLM / HarnessLM", "results agree",
+              "HarnessLM's results"]  # fmt: skip
     return table(header, rows) + ["", f"Measured {provenance(payload)}."]
 
 

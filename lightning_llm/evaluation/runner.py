@@ -253,6 +253,9 @@ class HarnessPart:
             (the harness's default) rather than one user message.
         system_instruction: a system message put before each prompt (null: none).
         chat_template: a Jinja chat template to use instead of the tokenizer's own (null: the tokenizer's).
+        compile: decode `generate_until` tasks with the compiled step (`HarnessLM(compile=True)`): one compilation
+            per batch size (about 20 s on a CPU) that long generations earn back (`benchmarks/harness.py`: about
+            1.3x the eager step at 256 tokens a request).
     """
 
     enabled: bool = False
@@ -268,6 +271,7 @@ class HarnessPart:
     fewshot_as_multiturn: bool = True
     system_instruction: str | None = None
     chat_template: str | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
@@ -284,7 +288,7 @@ class HarnessPart:
             )
         if self.num_fewshot is not None and (not isinstance(self.num_fewshot, int) or self.num_fewshot < 0):
             raise ValueError(f"`harness.num_fewshot` must be null or an int >= 0, got {self.num_fewshot!r}.")
-        for name in ("apply_chat_template", "fewshot_as_multiturn"):
+        for name in ("apply_chat_template", "fewshot_as_multiturn", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`harness.{name}` must be true or false, got {getattr(self, name)!r}.")
         for name in ("system_instruction", "chat_template"):
@@ -665,6 +669,7 @@ def _part_harness(lm: LanguageModel, tok: Any, cfg: HarnessPart, seed: int) -> d
         max_gen_toks=cfg.max_gen_toks,
         seed=seed,
         chat_template=cfg.chat_template,
+        compile=cfg.compile,
     )
     chat = {}
     if cfg.apply_chat_template:  # passed only when on: older harness versions refuse multi-turn few-shot without it

@@ -12,11 +12,11 @@ Greedy decoding (``temperature=0``) equals recomputing the full sequence at ever
 Design of the decoding loop (:func:`generate`), for speed at the small shapes of RL rollouts, where a step of eager
 PyTorch is mostly Python and kernel-launch overhead:
 
-* **a fixed-shape step** (:func:`_decode_step`): after the prefill, every step writes its token's keys/values at a
-  slot given as a tensor and, compiled, attends over the whole preallocated cache through a mask, so the step has
-  no host-side shape logic and the same shapes every time: ``torch.compile(dynamic=False)`` compiles it once per
-  batch size and capacity (``compile=True``; the capacity is rounded up so that prompt widths share graphs); the
-  eager step attends over the slots written so far only (a view of the cache, no copy);
+* **one step graph** (:func:`_decode_step`): after the prefill, every step writes its token's keys/values at a
+  slot given as a tensor and attends over the slots written so far (a view of the preallocated cache, no copy), so
+  the step has no host-side shape logic: compiled (``compile=True``), ``torch.compile(dynamic=False)`` with only
+  the number of slots read and the cache capacity marked dynamic builds one graph per batch size, whatever the
+  prompt widths and generation lengths;
 * **preallocated outputs**: tokens, log-probabilities and masks are written into ``(B, P + N)`` / ``(B, N)`` buffers,
   no ``torch.cat`` per step; the cache itself is reused between calls on the CPU (:func:`_static_cache`);
 * **sampling without filtering ops** when top-k / top-p are off (:func:`sample_next`);
@@ -55,7 +55,8 @@ class GenerationOutput:
         prompt_length: P, the padded prompt width; ``sequences[:, P:]`` are the responses.
         response_mask: ``(B, N)`` 1 on generated tokens up to and including EOS.
         logprobs: ``(B, N)`` log-probabilities of the chosen tokens under the sampling distribution (after
-            temperature, before top-k/top-p filtering), 0 where ``response_mask`` is 0.
+            temperature, before top-k/top-p filtering), 0 where ``response_mask`` is 0; None when :func:`generate`
+            was called with ``return_logprobs=False``.
         finished: ``(B,)`` True where the row emitted EOS or ``stop`` stopped it.
     """
 
@@ -63,7 +64,7 @@ class GenerationOutput:
     attention_mask: torch.Tensor
     prompt_length: int
     response_mask: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     finished: torch.Tensor
 
     @property
@@ -148,8 +149,10 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step from next-token logits ``(B, V)``: ``(token (B,), logprob (B,) float32)``.
+    with_logprob: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decoding step from next-token logits ``(B, V)``: ``(token (B,), logprob (B,) float32)`` (``logprob``
+    None with ``with_logprob=False``: a greedy step then runs no softmax at all).
 
     ``temperature == 0`` takes the argmax; otherwise a token is drawn from ``softmax(filter_logits(logits / T))``.
     ``logprob`` is the chosen token's log-probability under ``softmax(logits / T)`` (before filtering; ``T = 1`` when
@@ -167,7 +170,7 @@ def sample_next(
         else:
             probs = scaled.softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    logprob = log_softmax_gather(scaled, token)  # (B,)
+    logprob = log_softmax_gather(scaled, token) if with_logprob else None  # (B,)
     return token, logprob
 
 
@@ -203,13 +206,6 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> to
 
 
 # ---------------------------------------------------------------------------------------------------- static decoding
-#: cache capacities are rounded up to a multiple of this when the decode step is compiled, so that prompts of
-#: different padded lengths share one compiled graph: each masked slot costs a little attention (measured 4.5
-#: microseconds per slot and step at the rollout benchmark's size, about 0.5% of a step), each new capacity a
-#: compilation (10-30 s on a CPU) and Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` graphs (8) per
-#: function, beyond which new shapes decode eagerly
-COMPILE_CAPACITY_MULTIPLE = 32
-
 _COMPILE_BACKEND = "inductor"  # the tests' fast sibling traces with "aot_eager" (no C++ build)
 _compiled_steps: dict = {}  # device type -> torch.compile(_decode_step), built on first use
 _compile_error: str | None = None  # set when compiling failed once: every later call decodes eagerly
@@ -225,29 +221,27 @@ def _decode_step(
     rope_cos: torch.Tensor | None,
     rope_sin: torch.Tensor | None,
     out_weight: torch.Tensor | None = None,
-    live: int | None = None,
 ) -> torch.Tensor:
-    """One fixed-shape decoding step: float32 next-token logits ``(B, V)`` of ``ids`` ``(B, 1)`` written at ``slot``.
+    """One decoding step: float32 next-token logits ``(B, V)`` of ``ids`` ``(B, 1)`` written at ``slot``.
 
-    Every tensor has the same shape at every step: the new keys/values go to ``slot`` (a ``(1,)`` long tensor,
-    :meth:`KVCache.write`) and attention reads the whole ``(B, G, S_max, D)`` cache with the boolean mask
-    ``key_ok & (slot index <= slot)`` (``key_ok`` ``(B, S_max)``: False on left padding), so nothing depends on a host
-    integer and ``torch.compile(dynamic=False)`` builds one graph per (B, S_max). Positions are ``base_pos + slot``
+    The new keys/values go to ``slot`` (a ``(1,)`` long tensor, :meth:`KVCache.write`) and attention reads the first
+    ``S = key_ok.shape[1]`` slots of the ``(B, G, S_max, D)`` cache, the ones written so far, with the boolean mask
+    ``key_ok & (slot index <= slot)`` (``key_ok`` ``(B, S)``: False on left padding). Nothing depends on a host
+    integer: compiled, ``S`` and ``S_max`` are the graph's only dynamic sizes (:class:`_Stepper` marks them), so
+    ``torch.compile(dynamic=False)`` builds one graph per batch size. Reading the written slots only, rather than
+    the whole preallocated cache through a mask, matters on the CPU, where the cached keys and values come from
+    memory at every step: at the harness benchmark's 256-token generations (16 rows, 4 x 256 GPT-2) the compiled
+    step reading the whole cache took 1.34 s a batch, 1.04 s reading the written slots (eager: 1.17 s); the
+    written slots average about 60% of the capacity there. Positions are ``base_pos + slot``
     (``base_pos`` ``(B, 1)`` = real prompt tokens - P, which reproduces the mask-cumsum positions of
     :meth:`Transformer.attention_inputs`). ``rope_cos, rope_sin`` ``(B, 1, R)`` are this step's RoPE angles, computed
     by the caller with :func:`rope_cos_sin` for all steps at once: gathered inside the graph, Inductor inlines the
     gather into the attention's reduction loop and redoes it for every key (kernel profile at the rollout benchmark's
     size: 360 instead of 115 microseconds per layer).
-
-    ``live`` (eager steps only: a host integer, one more than ``slot``) narrows the step to the first ``live`` slots,
-    the ones written so far: attention then reads only them, not the whole preallocated cache (on the CPU the cached
-    keys and values are read from memory at every step; at the harness benchmark's 128-token generations the
-    written slots average two thirds of the capacity). The compiled step keeps ``live`` None: its shapes never
-    change.
     """
-    s_max = key_ok.shape[1] if live is None else live
+    s_max = key_ok.shape[1]
     slots = torch.arange(s_max, device=ids.device)  # (S,)
-    mask = (key_ok[:, :s_max] & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S): written slots, no padding
+    mask = (key_ok & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S): written slots, no padding
     q_pos = base_pos + slot  # (B, 1)
     cache.pos.index_copy_(1, slot, q_pos)  # key positions (ALiBi)
     inputs = AttentionInputs(
@@ -359,7 +353,11 @@ class _Stepper:
     """Runs :func:`_decode_step` for one :func:`generate` call: eagerly, or compiled.
 
     Compiled (``generate(compile=True)``): ``torch.compile(_decode_step, dynamic=False, fullgraph=True)``, built once
-    per process and device type; Dynamo keeps one graph per input shapes (batch size, cache capacity, model). On the
+    per process and device type. Every call marks the cache capacity (``S_max``, the KV buffers' third dimension)
+    and the number of slots read (``key_ok``'s second) dynamic (``torch._dynamo.mark_dynamic``), so Dynamo keeps one
+    graph per batch size and model: new prompt widths and generation lengths reuse it (before, with every size
+    static, each cache capacity cost a compilation of 10-30 s, and Dynamo's limit of 8 graphs a function sent
+    further shapes to eager decoding). On the
     CPU with Inductor the graph gets a C++ wrapper (``cpp_wrapper``): for small models the Python wrapper that
     launches each kernel, checks strides and allocates buffers costs as much as many of the kernels (a whole
     generation at the GRPO benchmark's size, timed under cProfile: 30.8 ms with the Python wrapper, 27.5 ms with the
@@ -383,16 +381,22 @@ class _Stepper:
                     _decode_step, backend=_COMPILE_BACKEND, dynamic=False, fullgraph=True, options=options
                 )
 
-    def __call__(self, *args, live: int) -> torch.Tensor:
-        """One step; ``live``: the slots written after it (read only by the eager step, see :func:`_decode_step`)."""
+    def __call__(
+        self, cache: KVCache, ids: torch.Tensor, slot: torch.Tensor, key_ok: torch.Tensor, *args
+    ) -> torch.Tensor:
+        """One step; ``key_ok`` ``(B, S)``: the slots written after it (see :func:`_decode_step`)."""
         global _compile_error
         first, self.first = self.first, False
         if self.step is _decode_step:
-            return _decode_step(self.model, *args, live=live)
+            return _decode_step(self.model, cache, ids, slot, key_ok, *args)
+        torch._dynamo.mark_dynamic(key_ok, 1)
         if not first:
-            return self.step(self.model, *args)
+            return self.step(self.model, cache, ids, slot, key_ok, *args)
+        for t in (*cache.k, *cache.v):
+            torch._dynamo.mark_dynamic(t, 2)
+        torch._dynamo.mark_dynamic(cache.pos, 1)
         try:
-            return self.step(self.model, *args)
+            return self.step(self.model, cache, ids, slot, key_ok, *args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: warn once, decode eagerly
             _compile_error = f"{type(err).__name__}: {err}"
             self.step = _decode_step
@@ -402,7 +406,7 @@ class _Stepper:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return _decode_step(self.model, *args, live=live)
+            return _decode_step(self.model, cache, ids, slot, key_ok, *args)
 
 
 @torch.no_grad()
@@ -420,6 +424,7 @@ def generate(
     use_cache: bool = True,
     compile: bool = False,
     stop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | Sequence[bool]] | None = None,
+    return_logprobs: bool = True,
 ) -> GenerationOutput:
     """Generate continuations for a batch of prompts.
 
@@ -447,10 +452,9 @@ def generate(
         pad_id: id written after a row has stopped, and used for left padding.
         generator: a seeded ``torch.Generator`` for reproducible sampling.
         use_cache: False recomputes the whole sequence at every step (the reference the tests compare with).
-        compile: ``torch.compile`` the static decode step (``dynamic=False``, ``fullgraph=True``): one graph per
-            (batch size, cache capacity), the capacity rounded up to a multiple of
-            :data:`COMPILE_CAPACITY_MULTIPLE` so that prompt lengths share graphs. The first call per shape pays
-            the compilation (tens of seconds on CPU); later calls reuse it. If compiling fails, a warning is issued
+        compile: ``torch.compile`` the static decode step (``fullgraph=True``): one graph per batch size, for every
+            prompt width and generation length (:class:`_Stepper`). The first call per batch size pays the
+            compilation (tens of seconds on CPU); later calls reuse it. If compiling fails, a warning is issued
             once and decoding continues eagerly. Sampling (``torch.multinomial`` with ``generator``) stays outside
             the graph, so seeded draws follow the same random stream as eager decoding.
         stop: a test that ends rows early, beside ``eos_id``: after every step, ``stop(responses, finished)`` gets
@@ -464,6 +468,9 @@ def generate(
             so only the decoded text decides; this module stays tokenizer-free, the caller decodes. It runs on the
             host, outside the compiled step; on accelerators it costs one device-to-host read per step, so with a
             ``stop`` the all-finished test is read every step too (the read is paid anyway).
+        return_logprobs: False leaves ``logprobs`` None and skips the log-softmax of every step (callers that want
+            only the tokens, such as the harness's ``generate_until``: about 2% of a greedy step on the CPU at the
+            harness benchmark's sizes).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(
@@ -473,6 +480,11 @@ def generate(
     if not isinstance(compile, bool):
         raise TypeError(
             f"`compile` must be a bool, received {compile!r}. Fix: True compiles the decode step, False decodes eagerly."
+        )
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(
+            f"`return_logprobs` must be a bool, received {return_logprobs!r}. Fix: True returns the chosen tokens' "
+            "log-probabilities, False only the tokens."
         )
     device = model.wte.weight.device
     ids, mask = left_pad(prompts, pad_id, device)
@@ -498,7 +510,7 @@ def generate(
     seq[:, :p] = ids
     seq_mask = torch.ones((b, p + n_new), dtype=torch.long, device=device)  # (B, P + N) what the model attends to
     seq_mask[:, :p] = mask
-    logprobs = torch.zeros((b, n_new), dtype=torch.float32, device=device)  # (B, N)
+    logprobs = torch.zeros((b, n_new), dtype=torch.float32, device=device) if return_logprobs else None  # (B, N)
     response_mask = torch.ones((b, n_new), dtype=torch.long, device=device)  # (B, N)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     stopping = eos_id is not None or stop is not None  # rows may stop before max_new_tokens
@@ -507,8 +519,6 @@ def generate(
     cache = None
     if use_cache:
         capacity = p + n_new
-        if static and compile:
-            capacity = -(-capacity // COMPILE_CAPACITY_MULTIPLE) * COMPILE_CAPACITY_MULTIPLE
         cache = _static_cache(model, b, capacity) if static else model.new_kv_cache(b, capacity)
     if static:
         step_fn = _Stepper(model, compile, device)
@@ -538,12 +548,11 @@ def generate(
                         cache,
                         token[:, None],
                         slot,
-                        key_ok,
+                        key_ok[:, : p + i],
                         base_pos,
                         None if rope_cos is None else rope_cos[i - 1],
                         None if rope_sin is None else rope_sin[i - 1],
                         out_weight,
-                        live=p + i,
                     )
                     slot.add_(1)
                 elif use_cache:
@@ -553,15 +562,17 @@ def generate(
                 else:
                     hidden = model(seq[:, : p + i], attention_mask=seq_mask[:, : p + i], return_hidden=True)[:, -1]
                     logits = _last_logits(model, hidden)
-                token, logprob = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
+                token, logprob = sample_next(logits, temperature, top_k, top_p, generator, return_logprobs)  # (B,)
                 if stopping:
                     token = token.masked_fill(finished, pad_id)
-                    logprob = logprob.masked_fill(finished, 0.0)
+                    if logprobs is not None:
+                        logprob = logprob.masked_fill(finished, 0.0)
                     response_mask[:, i] = ~finished
                     if eos_id is not None:
                         finished |= token == eos_id  # finished rows hold pad_id now (and stay finished)
                 seq[:, p + i] = token
-                logprobs[:, i] = logprob
+                if logprobs is not None:
+                    logprobs[:, i] = logprob
                 steps = i + 1
                 if stop is not None:
                     finished |= torch.as_tensor(stop(seq[:, p : p + steps], finished.clone()), device=device).bool()
@@ -579,6 +590,6 @@ def generate(
         attention_mask=torch.cat((mask, response_mask[:, :n]), dim=1),
         prompt_length=p,
         response_mask=response_mask[:, :n].contiguous(),
-        logprobs=logprobs[:, :n].contiguous(),
+        logprobs=None if logprobs is None else logprobs[:, :n].contiguous(),
         finished=finished,
     )

@@ -368,13 +368,22 @@ def test_harness_part_needs_tasks():
 
     with pytest.raises(ValueError, match="tasks"):
         HarnessPart(enabled=True, tasks=())
+    with pytest.raises(ValueError, match=r"`harness.compile` must be true or false, got 'yes'"):
+        HarnessPart(enabled=True, compile="yes")
 
 
-def test_harness_part_from_the_command_line(tiny_dir, task_dir, tmp_path):
-    """`lightning-llm evaluate --harness.enabled true --harness.tasks [...]` parses into HarnessPart and runs."""
+def test_harness_part_from_the_command_line(tiny_dir, task_dir, tmp_path, monkeypatch):
+    """`lightning-llm evaluate --harness.enabled true --harness.tasks [...]` parses into HarnessPart and runs;
+    `--harness.compile true` decodes the generation task with the compiled step."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    import lightning_llm.nn.generation as generation
     from lightning_llm.evaluation import HarnessPart, evaluate
+
+    monkeypatch.setattr(generation, "_COMPILE_BACKEND", "aot_eager")  # the traced graph, without a C++ build
+    monkeypatch.setattr(generation, "_compiled_steps", {})
+    monkeypatch.setattr(generation, "_compile_error", None)
+    torch._dynamo.reset()
 
     parser = ArgumentParser(prog="lightning-llm evaluate", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
@@ -400,6 +409,8 @@ def test_harness_part_from_the_command_line(tiny_dir, task_dir, tmp_path):
         "false",
         "--harness.limit",
         "5",
+        "--harness.compile",
+        "true",
     ]
     for part in (
         "perplexity",
@@ -415,12 +426,14 @@ def test_harness_part_from_the_command_line(tiny_dir, task_dir, tmp_path):
     init = parser.instantiate(parser.parse_args(argv)).as_dict()
     init.pop("config")
     assert init["harness"] == HarnessPart(enabled=True, tasks=("tiny_cloze", "tiny_gen"), include_path=str(task_dir),
-                                          include_defaults=False, limit=5)  # fmt: skip
+                                          include_defaults=False, limit=5, compile=True)  # fmt: skip
     report = evaluate(**init)
     part = report["parts"]["harness"]
     assert part["status"] == "ok", part.get("error")
     assert part["n_samples"] == {"tiny_cloze": 5, "tiny_gen": 5}
     assert "harness/tiny_gen/exact_match" in report["summary"]
+    assert "cpu" in generation._compiled_steps and generation._compile_error is None  # the compiled step decoded
+    torch._dynamo.reset()
 
 
 def test_unknown_harness_task_is_a_clear_error(tiny_dir, task_dir):
@@ -623,6 +636,48 @@ def test_generation_stops_when_every_row_has_met_a_stop_sequence(tiny_dir):
     assert got == ref
     assert any(text.strip() for text in got)
     assert ours.work["batches"] == 1 and ours.work["decode_steps"] < 24 - 1  # stopped before max_gen_toks
+
+
+def test_stop_test_flags_each_row_at_the_step_its_text_first_holds_a_stop(tiny_dir, monkeypatch):
+    """``generate``'s ``stop`` hook, called as ``generate`` calls it (after every step, on the tokens so far, with the
+    rows stopped earlier marked finished), against the plain definition: a row stops at the first step where its
+    whole decoded text contains a stop string. Stops spanning tokens, a row finished from the start (never flagged),
+    60 tokens after a stop (beyond the decoded window); the same with a tokenizer without the Rust backend that
+    decodes all rows in one call."""
+    from lightning_llm.evaluation import HarnessLM
+
+    lm = HarnessLM(str(tiny_dir), batch_size=4, device="cpu")
+    stops = ["on the", "\n"]
+    texts = ["the rain in spain", " falls mainly on the plain", "a\nb", " sea shells by the sea", "on the way"]
+    rows = [lm.tok_encode(t, add_special_tokens=False) for t in texts]
+    x = lm.tok_encode(" x", add_special_tokens=False)
+    width = max(map(len, rows)) + 60
+    responses = torch.tensor([(r + x * width)[:width] for r in rows])
+
+    def first_stops():  # the plain definition: the first prefix whose text holds a stop, per row
+        return [
+            next((t for t in range(1, width + 1) if any(s in lm.tok_decode(r[:t]) for s in stops)), None)
+            for r in responses.tolist()
+        ]
+
+    def run(hook):
+        finished = torch.tensor([False, False, False, False, True])  # the last row stopped before the first step
+        at = [None] * 5
+        for t in range(1, width + 1):
+            for r, hit in enumerate(hook(responses[:, :t], finished.clone())):
+                if hit:
+                    assert not finished[r]
+                    at[r] = t
+                    finished[r] = True
+        return at
+
+    want = first_stops()
+    assert [w is not None for w in want] == [False, True, True, False, True]
+    want[4] = None  # finished before the first step: never flagged
+    assert run(lm._stop_test(stops)) == want
+    monkeypatch.setattr(type(lm.tokenizer), "backend", property(lambda self: None))
+    assert lm._decode_many([rows[0]]) == [lm.tok_decode(rows[0])]
+    assert run(lm._stop_test(stops)) == want
 
 
 def test_generation_through_generate_and_its_compiled_step_matches_hflm(tiny_dir, monkeypatch):

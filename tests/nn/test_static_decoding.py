@@ -221,6 +221,29 @@ def test_compiled_decode_step_traces_in_one_graph(monkeypatch) -> None:
     torch._dynamo.reset()
 
 
+def test_compiled_step_is_one_graph_for_every_prompt_width_and_length(monkeypatch) -> None:
+    """The cache capacity and the slots read are the compiled step's dynamic sizes: calls with other prompt widths and
+    generation lengths (other capacities, other numbers of written slots at every step) reuse the first call's graph
+    and give full recomputation's tokens. Before, each capacity compiled a graph of its own (10-30 s with Inductor)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(generation, "_COMPILE_BACKEND", counter)
+    monkeypatch.setattr(generation, "_compiled_steps", {})
+    monkeypatch.setattr(generation, "_compile_error", None)
+    torch._dynamo.reset()
+    model = model_for("alibi", 2, seed=13)
+    cases = ((PROMPTS, 7), ([[1, 2], [3, 4, 5], [6], [7, 8, 9, 10]], 3), ([p * 3 for p in PROMPTS], 12))
+    for prompts, n in cases:
+        out = generate(model, prompts, max_new_tokens=n, temperature=0, compile=True)
+        ref = generate(model, prompts, max_new_tokens=n, temperature=0, use_cache=False)
+        assert generation._compile_error is None, generation._compile_error
+        assert torch.equal(out.sequences, ref.sequences)
+        torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-5, rtol=1e-4)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pos,n_kv_head", [("rope", 2), ("alibi", 1), ("learned", 4), ("sinusoidal", 2)])
 def test_compiled_decode_step_matches_eager(pos: str, n_kv_head: int, monkeypatch) -> None:
@@ -240,6 +263,23 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch) -> None
         out = generate(model, PROMPTS, max_new_tokens=4, temperature=0, compile=True)
     assert torch.equal(out.sequences, generate(model, PROMPTS, max_new_tokens=4, temperature=0).sequences)
     assert generation._compile_error is not None  # later calls decode eagerly without trying again
+
+
+def test_tokens_only_generation_skips_the_logprobs() -> None:
+    """``return_logprobs=False`` gives the same tokens and masks (greedy and seeded sampling) and no log-probabilities;
+    a non-bool is refused with the fix."""
+    model = model_for("rope", seed=14)
+    for kw in ({"temperature": 0}, {"temperature": 0.8}):
+        full = generate(model, PROMPTS, max_new_tokens=6, eos_id=4, generator=torch.Generator().manual_seed(1), **kw)
+        tokens = generate(
+            model, PROMPTS, max_new_tokens=6, eos_id=4, generator=torch.Generator().manual_seed(1),
+            return_logprobs=False, **kw,
+        )  # fmt: skip
+        assert tokens.logprobs is None and full.logprobs is not None
+        assert torch.equal(tokens.sequences, full.sequences)
+        assert torch.equal(tokens.response_mask, full.response_mask) and torch.equal(tokens.finished, full.finished)
+    with pytest.raises(TypeError, match=r"`return_logprobs` must be a bool, received 1\. Fix: "):
+        generate(model, PROMPTS, max_new_tokens=2, return_logprobs=1)
 
 
 def test_compile_argument_is_checked() -> None:
