@@ -237,7 +237,9 @@ def _decode_step(
     :meth:`Transformer.attention_inputs`). ``rope_cos, rope_sin`` ``(B, 1, R)`` are this step's RoPE angles, computed
     by the caller with :func:`rope_cos_sin` for all steps at once: gathered inside the graph, Inductor inlines the
     gather into the attention's reduction loop and redoes it for every key (kernel profile at the rollout benchmark's
-    size: 360 instead of 115 microseconds per layer).
+    size: 360 instead of 115 microseconds per layer). The greedy argmax stays outside the graph: inside, Inductor's
+    argmax loop over the harness benchmark's 16 x 8192 logits cost about 270 microseconds a step more than the eager
+    ``max`` it replaced (90 microseconds).
     """
     s_max = key_ok.shape[1]
     slots = torch.arange(s_max, device=ids.device)  # (S,)
