@@ -21,7 +21,11 @@ Tasks are local YAML files over a local .jsonl (no network), written to a tempor
 * ``bench_rolling``: ``loglikelihood_rolling`` over the same passages joined 8 at a time (word/byte perplexity);
 * ``bench_gen_N``: ``generate_until`` of ``N`` tokens after the first half of ``--n-gen`` passages, stopping
   at a newline; timed once per ``--gen-modes`` entry: HarnessLM's eager decode step (the default,
-  ``compile=False``) and its compiled one (a second ``HarnessLM(compile=True)`` on the same directory).
+  ``compile=False``) and its compiled one (a second ``HarnessLM(compile=True)`` on the same directory);
+* ``bench_gen3_N``: the same with 3 few-shot examples taken by the harness's ``first_n`` sampler (as MMLU-style
+  tasks take them: the same examples before every question but the first few, whose own document is left out),
+  for the first ``--gen-tokens`` value: prompts that begin alike, whose shared beginning HarnessLM's prefill runs
+  once (``nn.generation._prefill``).
 
 Timed, per task kind: the model calls alone (``lm.loglikelihood(instances)`` etc. on the harness's own request
 instances, built once: tokenizing, batching, scoring) and the whole ``lm_eval.simple_evaluate`` (adds building the
@@ -67,8 +71,11 @@ TASKS = {
     "multiple_choice": "bench_mc",  # loglikelihood requests: 4 multi-token endings per context
     "loglikelihood_rolling": "bench_rolling",
     "generate_until": "bench_gen_{n}",  # one task per --gen-tokens value
+    "generate_until_3shot": "bench_gen3_{n}",  # the first --gen-tokens value only
 }
-METHOD = {"multiple_choice": "loglikelihood"}  # the LM method a task kind calls (default: the kind itself)
+#: the LM method a task kind calls (default: the kind itself)
+METHOD = {"multiple_choice": "loglikelihood", "generate_until_3shot": "generate_until"}
+GENERATE = ("generate_until", "generate_until_3shot")
 
 
 def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: list[int], n_mc: int = 100) -> Path:
@@ -121,12 +128,17 @@ def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: list[
         + "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
     )
     for n in gen_tokens:  # one task per generation length
-        (folder / f"bench_gen_{n}.yaml").write_text(
-            f"task: bench_gen_{n}\n"
-            + common.format(kind="generate_until", path=gen_path)
+        gen_task = (
+            common.format(kind="generate_until", path=gen_path)
             + 'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{\' \' + answer}}"\n'
             + f'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {n}\n  do_sample: false\n'
             + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        )
+        (folder / f"bench_gen_{n}.yaml").write_text(f"task: bench_gen_{n}\n" + gen_task)
+        (folder / f"bench_gen3_{n}.yaml").write_text(
+            f"task: bench_gen3_{n}\n"
+            + gen_task
+            + "num_fewshot: 3\nfewshot_split: test\nfewshot_config:\n  sampler: first_n\n"
         )
     return folder
 
@@ -233,15 +245,15 @@ def main() -> None:
         if not set(modes) <= {"eager", "compiled"}:
             p.error(f"--gen-modes takes eager and/or compiled, got {args.gen_modes!r}")
         harness_lms = {"eager": HarnessLM(str(model_dir), batch_size=args.batch_size, device=args.device)}
-        if "generate_until" in kinds and "compiled" in modes:
+        if set(GENERATE) & set(kinds) and "compiled" in modes:
             harness_lms["compiled"] = HarnessLM(str(model_dir), batch_size=args.batch_size, device=args.device,
                                                 compile=True)  # fmt: skip
         rows = []
         runs = [
             (kind, n, mode)
             for kind in kinds
-            for n in (gen_tokens if kind == "generate_until" else [None])
-            for mode in (modes if kind == "generate_until" else ["eager"])
+            for n in {"generate_until": gen_tokens, "generate_until_3shot": gen_tokens[:1]}.get(kind, [None])
+            for mode in (modes if kind in GENERATE else ["eager"])
         ]
         for kind, n, mode in runs:
             ours = harness_lms[mode]
@@ -265,7 +277,8 @@ def main() -> None:
                     seconds, cpu, outs[name] = run_requests(lm, kind, instances, args.device)
                     lm_best[name] = min(lm_best[name], seconds)
                     cpu_best[name] = min(cpu_best[name], cpu)
-            label = kind if n is None else f"{kind} ({n} tokens{', compiled' if mode == 'compiled' else ''})"
+            name = kind.replace("_3shot", ", 3-shot")
+            label = name if n is None else f"{name} ({n} tokens{', compiled' if mode == 'compiled' else ''})"
             rows.append({"kind": label, "task": task, "mode": mode, "requests": len(instances), "seconds": best, "first_run": first,
                          "speedup": best["HFLM"] / best["HarnessLM"], "lm_seconds": lm_best,
                          "lm_speedup": lm_best["HFLM"] / lm_best["HarnessLM"], "lm_cpu_seconds": cpu_best,

@@ -184,25 +184,107 @@ def _last_logits(model, hidden: torch.Tensor, out_weight: torch.Tensor | None = 
     return model.logits(hidden, weight=out_weight).float()  # (B, V)
 
 
-def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+#: the leading tokens that left-padded prompts share run once (:func:`_prefill`) when that spares at least this many
+#: token positions of the prefill; below it the extra forward passes and the cache copies cost about what they save
+#: (an eager forward call of a small model costs about as much as 30-60 tokens of it on a CPU)
+SHARED_PREFIX_MIN_TOKENS = 64
+#: leading tokens compared when looking for a shared beginning (the comparison holds B x B x this many booleans)
+SHARED_PREFIX_MAX_COMPARED = 4096
+
+
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, share_prefix: bool = True) -> torch.Tensor:
     """Run the prompts ``(B, P)`` through the model into ``cache`` (filling its first P slots, ``length`` = P) and
     return the last position's hidden states ``(B, C)``.
 
-    Identical rows (the same ids and mask: GRPO / RLOO draw several completions per prompt, the harness repeats a
-    request) run once: the U distinct prompts fill a U-row cache whose slots are then copied to every row that
-    repeats them. The forward costs U rows instead of B (Hugging Face's ``generate(num_return_sequences=G)`` runs
-    all B); every copy of a prompt gets the same keys, values and logits, which it would anyway up to the float
-    rounding of a different batch composition.
+    Work that several rows share runs once:
+
+    * **identical rows** (the same ids and mask: GRPO / RLOO draw several completions per prompt, the harness repeats
+      a request): the U distinct prompts fill a U-row cache whose slots are then copied to every row that repeats
+      them. The forward costs U rows instead of B (Hugging Face's ``generate(num_return_sequences=G)`` runs all B).
+    * **a shared beginning** (:func:`_shared_prefix`: few-shot examples, a task description or a system prompt that
+      prompts start with): its L tokens run once as one row, their keys and values are copied into each sharing row
+      at that row's offset (:meth:`KVCache.copy_slots`), and the forward continues from the first column where one
+      of them leaves the shared tokens, ``c0`` = (their least left padding) + L: ``L + k (P - c0)`` token positions
+      for the k sharing rows instead of ``k P``. Rows that do not share it (the few-shot examples of the first
+      documents differ: the harness leaves a document out of its own examples) run apart, and may share another
+      beginning; each part fills a cache of its own, copied into ``cache`` (:meth:`KVCache.put_rows`).
+
+    Every row gets the keys, values and logits it would get alone, up to the float rounding of another batch
+    composition (tested against full recomputation). ``share_prefix=False`` (:func:`generate` on sharded models and
+    dynamic-NTK RoPE) keeps one forward pass: FSDP2 and tensor parallelism need the same number of forward calls on
+    every rank, and dynamic-NTK RoPE gives a prefix run alone other angles than the whole prompt.
     """
     b, p = ids.shape
     if b > 1:
         rows, inverse = torch.unique(torch.cat((ids, mask.to(ids.dtype)), dim=1), dim=0, return_inverse=True)
         if rows.shape[0] < b:
             once = model.new_kv_cache(rows.shape[0], p, dtype=cache.k[0].dtype)  # U rows, P slots
-            hidden = model(rows[:, :p], attention_mask=rows[:, p:], kv_cache=once, return_hidden=True)[:, -1]
+            hidden = _prefill(model, rows[:, :p], rows[:, p:], once, share_prefix)  # (U, C): may share a start
             cache.copy_rows(once, inverse)
             return hidden.index_select(0, inverse)  # (B, C)
+        shared = _shared_prefix(ids, mask) if share_prefix else None
+        if shared is not None:
+            group, length = shared
+            if len(group) < b:  # the sharing rows and the others apart, each into a cache of its own
+                hidden = None
+                for part in (group, sorted(set(range(b)) - set(group))):
+                    idx = torch.as_tensor(part, device=ids.device)
+                    sub = model.new_kv_cache(len(part), p, dtype=cache.k[0].dtype)
+                    h = _prefill(model, ids[idx], mask[idx], sub, share_prefix)  # (k, C)
+                    cache.put_rows(sub, idx)
+                    hidden = h.new_empty((b, h.shape[1])) if hidden is None else hidden
+                    hidden[idx] = h
+                return hidden
+            pads = p - mask.sum(1)  # (B,)
+            first = int(pads[0])
+            prefix = model.new_kv_cache(1, length, dtype=cache.k[0].dtype)
+            model(ids[:1, first : first + length], kv_cache=prefix, return_hidden=True)
+            c0 = int(pads.min()) + length
+            slots = (torch.arange(c0, device=ids.device)[None] - pads[:, None]).clamp(min=0)  # (B, c0)
+            cache.copy_slots(prefix, slots)  # left padding gets position 0's keys: masked, and finite
+            return model(ids[:, c0:], attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]
     return model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]
+
+
+def _shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], int] | None:
+    """``(rows, L)``: the rows of the left-padded prompts ``(B, P)`` that begin with the same L tokens, chosen to
+    spare the most prefill positions (``k c0 - L`` for k rows, :func:`_prefill`), when that is at least
+    :data:`SHARED_PREFIX_MIN_TOKENS`; else None. A row shares at most all its tokens but the last, so that it keeps a
+    token of its own after the shared ones. Prompts whose mask is not zeros then ones (not left-padded) share
+    nothing.
+
+    Every pair's common beginning comes from one comparison of the rows aligned at their first real token
+    (``(B, B, min(P, SHARED_PREFIX_MAX_COMPARED))`` booleans); then, for each row, the rows ranked by how much they
+    share with it give the candidate groups (the k best share the k-th's length).
+    """
+    b, p = ids.shape
+    lengths = mask.sum(1)  # (B,)
+    pads = p - lengths
+    real = torch.arange(p, device=ids.device)[None] >= pads[:, None]  # (B, P) where a left-padded mask is 1
+    if not torch.equal(real, mask.bool()):
+        return None
+    m = min(p, SHARED_PREFIX_MAX_COMPARED)
+    k = torch.arange(m, device=ids.device)[None]  # (1, M)
+    aligned = ids.gather(1, (pads[:, None] + k).clamp(max=p - 1))  # (B, M): each row from its first real token
+    own = -1 - torch.arange(b, device=ids.device)[:, None]  # (B, 1) a value no other row holds (ids are >= 0)
+    aligned = torch.where(k < lengths[:, None] - 1, aligned, own)  # a row's last token and beyond: its own
+    differ = aligned[:, None, :] != aligned[None, :, :]  # (B, B, M)
+    ends = torch.ones((b, b, 1), dtype=torch.bool, device=ids.device)
+    common = torch.cat((differ, ends), dim=-1).to(torch.uint8).argmax(-1).tolist()  # (B, B) first difference
+    pads = pads.tolist()
+    best, chosen = SHARED_PREFIX_MIN_TOKENS - 1, None
+    for i in range(b):
+        order = sorted(range(b), key=lambda j: -common[i][j])  # row i itself first: it shares all it may
+        least_pad = pads[i]
+        for n in range(2, b + 1):
+            length = common[i][order[n - 1]]  # what the n best share with row i, and so with each other
+            if length == 0:
+                break
+            least_pad = min(least_pad, pads[order[n - 1]])
+            spared = n * (least_pad + length) - length
+            if spared > best:
+                best, chosen = spared, (sorted(order[:n]), length)
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------- static decoding
@@ -543,7 +625,7 @@ def generate(
             steps, token = 0, ids[:, -1]  # token: the one fed at the next step (set by each step)
             for i in range(n_new):
                 if i == 0 and use_cache:  # prefill: the whole prompt through the model's forward
-                    hidden = _prefill(model, ids, mask, cache)  # (B, C)
+                    hidden = _prefill(model, ids, mask, cache, share_prefix=static)  # (B, C)
                     logits = _last_logits(model, hidden, out_weight)
                 elif static:
                     logits = step_fn(

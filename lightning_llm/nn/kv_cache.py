@@ -77,6 +77,25 @@ class KVCache:
         self.pos[:, :n] = source.pos[:, :n].index_select(0, rows)
         self.length = n
 
+    def copy_slots(self, source: KVCache, slots: torch.Tensor) -> None:
+        """Fill this cache's first ``C`` slots of every row ``i`` with slot ``slots[i, j]`` of ``source``'s row 0
+        (keys, values and positions; ``slots`` a ``(B, C)`` long tensor, repeats allowed), and set ``length`` to
+        ``C``: one cached prefix placed at a different offset in each row (left-padded prompts that start alike)."""
+        c = slots.shape[1]
+        for dst, src in zip((*self.k, *self.v), (*source.k, *source.v)):
+            dst[:, :, :c] = src[0][:, slots].transpose(0, 1)  # (G, B, C, D) -> (B, G, C, D)
+        self.pos[:, :c] = source.pos[0][slots]
+        self.length = c
+
+    def put_rows(self, source: KVCache, rows: torch.Tensor) -> None:
+        """Write ``source``'s rows (its first ``source.length`` slots) into this cache's rows ``rows`` (a long tensor
+        of ``source``'s batch size) and set ``length`` to ``source.length``: caches filled apart, then joined."""
+        n = source.length
+        for dst, src in zip((*self.k, *self.v), (*source.k, *source.v)):
+            dst[rows, :, :n] = src[:, :, :n]
+        self.pos[rows, :n] = source.pos[:, :n]
+        self.length = n
+
     def advance(self, n: int) -> None:
         self.length += n
 

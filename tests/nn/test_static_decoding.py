@@ -20,11 +20,11 @@ from lightning_llm.nn import KVCache, Transformer, generate, sample_next
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19], [3]]
 
 
-def model_for(pos: str = "rope", n_kv_head: int = 2, seed: int = 0, **kw) -> Transformer:
+def model_for(pos: str = "rope", n_kv_head: int = 2, seed: int = 0, block_size: int = 48, **kw) -> Transformer:
     torch.manual_seed(seed)
     # a large init_std gives peaked next-token distributions (greedy near-ties would make exact comparisons flaky)
     cfg = TransformerConfig(
-        vocab_size=53, block_size=48, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=32, pos_encoding=pos,
+        vocab_size=53, block_size=block_size, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=32, pos_encoding=pos,
         init_std=0.3, **kw,
     )  # fmt: skip
     return Transformer(cfg).eval()
@@ -109,11 +109,72 @@ def test_repeated_prompts_run_the_prefill_once(static: bool, monkeypatch) -> Non
     monkeypatch.setattr(  # the reference: every row through the prefill
         generation,
         "_prefill",
-        lambda m, ids, mask, cache: m(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1],
+        lambda m, ids, mask, cache, **_: m(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1],
     )
     plain = generate(model, prompts, generator=torch.Generator().manual_seed(5), **kw)
     assert torch.equal(sampled.sequences, plain.sequences) and torch.equal(sampled.response_mask, plain.response_mask)
     torch.testing.assert_close(sampled.logprobs, plain.logprobs, atol=1e-5, rtol=1e-4)
+
+
+def _shared_start_prompts(seed: int) -> list[list[int]]:
+    """Four prompts that begin with the same 30 tokens (few-shot examples, a system prompt), then 3, 7, 1 and 12
+    tokens of their own (left padding 9, 5, 11 and 0 in a batch)."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(1, 53, (30,), generator=g).tolist()
+    return [start + torch.randint(1, 53, (n,), generator=g).tolist() for n in (3, 7, 1, 12)]
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "learned", "sinusoidal"])
+def test_a_shared_beginning_runs_through_the_prefill_once(pos: str, monkeypatch) -> None:
+    """Prompts that start with the same 30 tokens: the prefill runs those once as one row, then every row from
+    column 30 on (the first where the unpadded longest prompt leaves them; 4 x 12 positions instead of 4 x 42); every
+    row decodes as full recomputation does, and seeded sampling draws what the plain prefill draws."""
+    model = model_for(pos, seed=22, block_size=96)
+    prompts = _shared_start_prompts(23)
+    shapes = []
+    hook = model.wte.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    out = generate(model, prompts, max_new_tokens=6, temperature=0)
+    hook.remove()
+    assert shapes[:2] == [(1, 30), (4, 12)] and shapes[2:] == [(4, 1)] * 5
+    ref = generate(model, prompts, max_new_tokens=6, temperature=0, use_cache=False)
+    assert torch.equal(out.sequences, ref.sequences) and out.prompt_length == 42
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-5, rtol=1e-4)
+    kw = dict(max_new_tokens=6, temperature=1.0, eos_id=4)
+    sampled = generate(model, prompts, generator=torch.Generator().manual_seed(6), **kw)
+    monkeypatch.setattr(generation, "SHARED_PREFIX_MIN_TOKENS", 10**9)  # the reference: no sharing
+    plain = generate(model, prompts, generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(sampled.sequences, plain.sequences)
+    torch.testing.assert_close(sampled.logprobs, plain.logprobs, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_beginnings_when_they_pay_and_the_layout_allows(monkeypatch) -> None:
+    """Repeated prompts are first reduced to the distinct ones, which may then share their beginning; rows that do not
+    share it run apart (each part into its own cache, joined after); a short shared beginning (below
+    SHARED_PREFIX_MIN_TOKENS spared positions), a mask that is not left padding and the growing cache (sharded
+    models, dynamic-NTK RoPE: the same number of forward calls on every rank) keep one forward. Every case decodes as
+    full recomputation does."""
+    model = model_for("rope", seed=24, block_size=96)
+    a, b, c, d = _shared_start_prompts(25)
+
+    def prefill_shapes(prompts, **kw) -> list[tuple[int, int]]:
+        shapes = []
+        hook = model.wte.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+        out = generate(model, prompts, max_new_tokens=2, temperature=0, **kw)
+        hook.remove()
+        ref = generate(model, prompts, max_new_tokens=2, temperature=0, use_cache=False, **kw)
+        assert torch.equal(out.sequences, ref.sequences)
+        return shapes[:-1]  # the last shape is the one decoding step
+
+    assert prefill_shapes([a, b, a, d, c, b]) == [(1, 30), (4, 12)]  # 4 distinct prompts, then their shared start
+    e, f = (p[::-1] for p in _shared_start_prompts(26)[2:])  # two rows that start otherwise (their 30 shared tokens
+    # now end them: nothing shared at the start)
+    assert prefill_shapes([a, e, b, c, f, d]) == [(1, 30), (4, 12), (2, 42)]  # the 4 sharing rows apart, then the 2
+    assert prefill_shapes([a[25:], b[25:], d[25:]]) == [(3, 17)]  # 5 shared tokens: 3 x 5 - 5 spared, too few
+    ids, mask = generation.left_pad([a, b, d], 0)
+    mask[0, 20] = 0  # a hole inside a prompt: not left padding
+    assert prefill_shapes(ids, prompt_mask=mask) == [(3, 42)]
+    monkeypatch.setattr(generation, "static_decoding_supported", lambda model: False)
+    assert prefill_shapes([a, b, d]) == [(3, 42)]
 
 
 def test_dynamic_ntk_rope_takes_the_growing_cache() -> None:
