@@ -15,6 +15,9 @@ Tasks are local YAML files over a local .jsonl (no network), written to a tempor
 
 * ``bench_lambada``: ``lambada_openai``'s definition (``loglikelihood``; acc, perplexity) on the first ``--n`` passages
   of ``../shared/data/lambada_test.jsonl``;
+* ``bench_lambada3``: the same on the first ``--n-mc`` passages with 3 few-shot examples taken by the harness's
+  ``first_n`` sampler (as MMLU-style tasks take them: the same examples before every question but the first few,
+  whose own document is left out): inputs that begin alike, whose shared beginning HarnessLM runs once;
 * ``bench_mc``: a HellaSwag-shaped ``multiple_choice`` task (``loglikelihood`` requests) on the first ``--n-mc``
   passages: the passage but its last 10 words is the context, and the choices are those 10 words and the last 10
   of three other passages (4 multi-token endings per context: HarnessLM runs each context once);
@@ -25,7 +28,7 @@ Tasks are local YAML files over a local .jsonl (no network), written to a tempor
 * ``bench_gen3_N``: the same with 3 few-shot examples taken by the harness's ``first_n`` sampler (as MMLU-style
   tasks take them: the same examples before every question but the first few, whose own document is left out),
   for the first ``--gen-tokens`` value: prompts that begin alike, whose shared beginning HarnessLM's prefill runs
-  once (``nn.generation._prefill``).
+  once (``lightning_llm.nn.generation.prefill``).
 
 Timed, per task kind: the model calls alone (``lm.loglikelihood(instances)`` etc. on the harness's own request
 instances, built once: tokenizing, batching, scoring) and the whole ``lm_eval.simple_evaluate`` (adds building the
@@ -68,14 +71,20 @@ from lambada_harness import LAMBADA, build_model, read_lines  # noqa: E402
 
 TASKS = {
     "loglikelihood": "bench_lambada",
+    "loglikelihood_3shot": "bench_lambada3",  # the first --n-mc passages, 3 first_n examples before each
     "multiple_choice": "bench_mc",  # loglikelihood requests: 4 multi-token endings per context
     "loglikelihood_rolling": "bench_rolling",
     "generate_until": "bench_gen_{n}",  # one task per --gen-tokens value
     "generate_until_3shot": "bench_gen3_{n}",  # the first --gen-tokens value only
 }
 #: the LM method a task kind calls (default: the kind itself)
-METHOD = {"multiple_choice": "loglikelihood", "generate_until_3shot": "generate_until"}
+METHOD = {
+    "multiple_choice": "loglikelihood",
+    "loglikelihood_3shot": "loglikelihood",
+    "generate_until_3shot": "generate_until",
+}
 GENERATE = ("generate_until", "generate_until_3shot")
+FEWSHOT = "num_fewshot: 3\nfewshot_split: test\nfewshot_config:\n  sampler: first_n\n"  # the 3-shot tasks' examples
 
 
 def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: list[int], n_mc: int = 100) -> Path:
@@ -113,13 +122,18 @@ def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: list[
         + 'doc_to_text: "{{context}}"\ndoc_to_target: label\ndoc_to_choice: "{{endings}}"\n'
         + "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
-    (folder / "bench_lambada.yaml").write_text(
-        "task: bench_lambada\n"
-        + common.format(kind="loglikelihood", path=lam)
-        + "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+    cloze = (
+        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
         + "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
         + "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
         + "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    (folder / "bench_lambada.yaml").write_text(
+        "task: bench_lambada\n" + common.format(kind="loglikelihood", path=lam) + cloze
+    )
+    lam_few = jsonl("lambada_fewshot", [{"text": t} for t in passages[:n_mc]])
+    (folder / "bench_lambada3.yaml").write_text(
+        "task: bench_lambada3\n" + common.format(kind="loglikelihood", path=lam_few) + cloze + FEWSHOT
     )
     (folder / "bench_rolling.yaml").write_text(
         "task: bench_rolling\n"
@@ -135,11 +149,7 @@ def write_tasks(folder: Path, passages: list[str], n_gen: int, gen_tokens: list[
             + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
         )
         (folder / f"bench_gen_{n}.yaml").write_text(f"task: bench_gen_{n}\n" + gen_task)
-        (folder / f"bench_gen3_{n}.yaml").write_text(
-            f"task: bench_gen3_{n}\n"
-            + gen_task
-            + "num_fewshot: 3\nfewshot_split: test\nfewshot_config:\n  sampler: first_n\n"
-        )
+        (folder / f"bench_gen3_{n}.yaml").write_text(f"task: bench_gen3_{n}\n" + gen_task + FEWSHOT)
     return folder
 
 

@@ -38,6 +38,13 @@ How it is computed is ours:
   the attention mask, so every row still sees exactly its own input (tested against ``HFLM`` and against the Hugging
   Face model's logits). Requests longer than ``max_length`` (left-truncated, so their contexts differ) keep the
   path above.
+* **A shared beginning once.** Few-shot examples taken by the ``first_n`` sampler (MMLU-style tasks), a task
+  description or a system prompt put the same tokens before many requests. Where the rows of a batch begin with L
+  shared tokens, those run once as one row: the plain path reads them through a
+  :class:`~lightning_llm.nn.kv_cache.SharedPrefixCache` (:meth:`HarnessLM._shared_columns`), the contexts of
+  multi-token continuations and the prompts of generation through :func:`lightning_llm.nn.generation.prefill`
+  (which copies them into each row's cache). ``L + B (T - L)`` positions instead of ``B T``, used where that spares
+  at least :data:`~lightning_llm.nn.generation.SHARED_PREFIX_MIN_TOKENS` (tested against ``HFLM``).
 * **Batches cut where the padding is.** Rows sorted by length (longest first) are split into batches of at most
   ``batch_size`` rows by a dynamic programme minimising padded tokens plus a per-forward cost (:func:`_partition`):
   on CPU a batch is cut wherever that saves more than :data:`CPU_FORWARD_OVERHEAD_TOKENS` padded tokens, and holds at
@@ -87,6 +94,8 @@ import torch
 from torch import nn
 
 from lightning_llm.evaluation.lm import LanguageModel, resolve_model
+from lightning_llm.nn.generation import SHARED_PREFIX_MIN_TOKENS, prefill, static_decoding_supported
+from lightning_llm.nn.kv_cache import SharedPrefixCache
 from lightning_llm.ops import chunk_rows, token_logprobs
 
 try:  # lm-eval is an optional extra
@@ -283,6 +292,8 @@ class HarnessLM(TemplateLM):
         self._chat_source = next((str(s) for s in sources if os.path.isdir(os.path.expanduser(s))), None)
         self.module = self.lm.module
         self.ours = _is_ours(self.module)
+        # prompts' shared beginnings run once (generation's prefill, _score, _score_contexts): plain weights only
+        self._share_prefix = self.ours and static_decoding_supported(self.module)
         self._max_length = int(max_length) if max_length is not None else (self.lm.max_length or DEFAULT_MAX_LENGTH)
         self._max_gen_toks = int(max_gen_toks)
         self.batch_size = batch_size
@@ -493,7 +504,6 @@ class HarnessLM(TemplateLM):
                 tgt.extend(targets)
                 seg.extend([n_entries] * n)
                 n_entries += 1
-        self._count(b, width)
         rows_t = torch.as_tensor(r_idx, dtype=torch.long)  # (K,)
         cols_t = torch.as_tensor(c_idx, dtype=torch.long)  # (K,)
         seg_t = torch.as_tensor(seg, dtype=torch.long)  # (K,)
@@ -501,10 +511,20 @@ class HarnessLM(TemplateLM):
         with torch.no_grad():
             if self.ours:
                 dev = self.device
-                hidden = self.module(inp.to(dev), return_hidden=True)  # (B, T, C)
-                sel = hidden[rows_t.to(dev), cols_t.to(dev)]  # (K, C): only the scored positions
+                x = inp.to(dev)
+                shared = self._shared_columns(inp, min(c_idx))
+                cache = None
+                if shared:  # the rows' common first columns run once, as one row (see _shared_columns)
+                    prefix = self.module.new_kv_cache(1, shared, device=dev)
+                    self.module(x[:1, :shared], kv_cache=prefix, return_hidden=True)
+                    self._count(1, shared)
+                    cache = SharedPrefixCache(prefix, b, width - shared)
+                hidden = self.module(x[:, shared:], kv_cache=cache, return_hidden=True)  # (B, T - L, C)
+                self._count(b, width - shared)
+                sel = hidden[rows_t.to(dev), cols_t.to(dev) - shared]  # (K, C): only the scored positions
                 logp, miss = self._project(sel, targets.to(dev), greedy)
             else:
+                self._count(b, width)
                 logits = self.lm.logits(inp)[rows_t, cols_t]  # (K, V)
                 logp = token_logprobs(logits, targets)  # (K,) float32
                 miss = (logits.argmax(dim=-1) != targets).to(torch.float32)  # (K,)
@@ -514,6 +534,25 @@ class HarnessLM(TemplateLM):
             out.append(flat[e : e + len(entries)])
             e += len(entries)
         return out
+
+    def _shared_columns(self, inp: torch.Tensor, first_scored: int) -> int:
+        """How many leading columns of the right-padded batch ``inp`` ``(B, T)`` :meth:`_score` runs once: L, the
+        tokens every row begins with (few-shot examples taken by the harness's ``first_n`` sampler, a task
+        description, a system prompt), when no scored position lies among them and sharing spares at least
+        :data:`~lightning_llm.nn.generation.SHARED_PREFIX_MIN_TOKENS` positions (``(B - 1) L``); else 0.
+
+        The L columns run as one row into a cache that the whole batch then reads
+        (:class:`~lightning_llm.nn.kv_cache.SharedPrefixCache`): ``L + B (T - L)`` positions instead of ``B T``,
+        and one row's prefix in memory. Not on sharded models and dynamic-NTK RoPE (:attr:`_share_prefix`). A pad
+        column never counts: right padding starts after a row's last token, and a scored position lies before it.
+        """
+        b = inp.shape[0]
+        if b < 2 or not self._share_prefix:
+            return 0
+        m = min(first_scored, inp.shape[1])
+        same = (inp[:, :m] == inp[:1, :m]).all(0).long()  # (m,)
+        length = int(same.cumprod(0).sum())
+        return length if (b - 1) * length >= SHARED_PREFIX_MIN_TOKENS else 0
 
     def _project(self, hidden: torch.Tensor, targets: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log-probability (K,), 1.0 where the target is not the argmax (K,))`` of ``targets`` ``(K,)`` given
@@ -554,7 +593,7 @@ class HarnessLM(TemplateLM):
         rows = [(i, cont) for i, (_, conts) in enumerate(groups) for cont in conts]  # one entry per continuation
         with torch.no_grad():
             cache = model.new_kv_cache(g, pc)
-            last = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1]  # (G, C)
+            last = prefill(model, ids, mask, cache, self._share_prefix)  # (G, C): a shared beginning runs once
             self._count(g, pc)
             hidden = [last[torch.as_tensor([i for i, _ in rows], device=dev)]]  # the first target of every row
             targets = [cont[0] for _, cont in rows]

@@ -184,7 +184,7 @@ def _last_logits(model, hidden: torch.Tensor, out_weight: torch.Tensor | None = 
     return model.logits(hidden, weight=out_weight).float()  # (B, V)
 
 
-#: the leading tokens that left-padded prompts share run once (:func:`_prefill`) when that spares at least this many
+#: the leading tokens that left-padded prompts share run once (:func:`prefill`) when that spares at least this many
 #: token positions of the prefill; below it the extra forward passes and the cache copies cost about what they save
 #: (an eager forward call of a small model costs about as much as 30-60 tokens of it on a CPU)
 SHARED_PREFIX_MIN_TOKENS = 64
@@ -192,7 +192,7 @@ SHARED_PREFIX_MIN_TOKENS = 64
 SHARED_PREFIX_MAX_COMPARED = 4096
 
 
-def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, share_prefix: bool = True) -> torch.Tensor:
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, share_prefix: bool = True) -> torch.Tensor:
     """Run the prompts ``(B, P)`` through the model into ``cache`` (filling its first P slots, ``length`` = P) and
     return the last position's hidden states ``(B, C)``.
 
@@ -219,7 +219,7 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, share
         rows, inverse = torch.unique(torch.cat((ids, mask.to(ids.dtype)), dim=1), dim=0, return_inverse=True)
         if rows.shape[0] < b:
             once = model.new_kv_cache(rows.shape[0], p, dtype=cache.k[0].dtype)  # U rows, P slots
-            hidden = _prefill(model, rows[:, :p], rows[:, p:], once, share_prefix)  # (U, C): may share a start
+            hidden = prefill(model, rows[:, :p], rows[:, p:], once, share_prefix)  # (U, C): may share a start
             cache.copy_rows(once, inverse)
             return hidden.index_select(0, inverse)  # (B, C)
         shared = _shared_prefix(ids, mask) if share_prefix else None
@@ -230,7 +230,7 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, share
                 for part in (group, sorted(set(range(b)) - set(group))):
                     idx = torch.as_tensor(part, device=ids.device)
                     sub = model.new_kv_cache(len(part), p, dtype=cache.k[0].dtype)
-                    h = _prefill(model, ids[idx], mask[idx], sub, share_prefix)  # (k, C)
+                    h = prefill(model, ids[idx], mask[idx], sub, share_prefix)  # (k, C)
                     cache.put_rows(sub, idx)
                     hidden = h.new_empty((b, h.shape[1])) if hidden is None else hidden
                     hidden[idx] = h
@@ -248,7 +248,7 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, share
 
 def _shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], int] | None:
     """``(rows, L)``: the rows of the left-padded prompts ``(B, P)`` that begin with the same L tokens, chosen to
-    spare the most prefill positions (``k c0 - L`` for k rows, :func:`_prefill`), when that is at least
+    spare the most prefill positions (``k c0 - L`` for k rows, :func:`prefill`), when that is at least
     :data:`SHARED_PREFIX_MIN_TOKENS`; else None. A row shares at most all its tokens but the last, so that it keeps a
     token of its own after the shared ones. Prompts whose mask is not zeros then ones (not left-padded) share
     nothing.
@@ -625,7 +625,7 @@ def generate(
             steps, token = 0, ids[:, -1]  # token: the one fed at the next step (set by each step)
             for i in range(n_new):
                 if i == 0 and use_cache:  # prefill: the whole prompt through the model's forward
-                    hidden = _prefill(model, ids, mask, cache, share_prefix=static)  # (B, C)
+                    hidden = prefill(model, ids, mask, cache, share_prefix=static)  # (B, C)
                     logits = _last_logits(model, hidden, out_weight)
                 elif static:
                     logits = step_fn(

@@ -8,10 +8,13 @@ Each layer owns ``k`` and ``v`` tensors ``(B, G, S_max, D)``, allocated once. Tw
   ``[length, length + T)`` in every layer and gets back the filled slots ``(B, G, length + T, D)``; the Transformer
   then advances ``length`` once (:meth:`advance`). Shapes change at every step: simple, and what the prefill uses.
 * **static** (:meth:`write`, the decode step of :func:`~lightning_llm.nn.generation.generate`): one token per row
-  is written at ``slot``, a ``(1,)`` long *tensor*, and attention reads the whole ``(B, G, S_max, D)`` buffers with
-  a mask hiding the slots not yet written. Every step then has the same shapes and no Python integer in its
-  arithmetic, so ``torch.compile`` builds one graph for all steps (per batch size and capacity) and eager mode does
-  no shape bookkeeping either; ``length`` is not advanced (the caller owns the slot counter).
+  is written at ``slot``, a ``(1,)`` long *tensor*, and attention reads the slots written so far (a view of the
+  buffers, as wide as the step's key mask). No Python integer enters the step's arithmetic, so ``torch.compile``
+  builds one graph for all steps (its only dynamic sizes: the slots read and the capacity); ``length`` is not
+  advanced (the caller owns the slot counter).
+
+:class:`SharedPrefixCache` is a read-only variant for scoring: one row's cached prefix seen by every row of a batch,
+without copying it per row.
 
 Keys are stored after RoPE, so cached keys are never rotated again. ``pos`` ``(B, S_max)`` holds each slot's position
 (ALiBi reads it as the key positions).
@@ -101,3 +104,32 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class SharedPrefixCache:
+    """One cached prefix read by every row of a batch: the first ``prefix.length`` slots of row 0 of ``prefix`` (a
+    :class:`KVCache`), for a forward pass of ``batch_size`` rows that all begin with those tokens.
+
+    It takes a :class:`KVCache`'s place in the growing-cache forward (``model(ids, kv_cache=...)``): :meth:`update`
+    returns the prefix's keys and values, broadcast to the batch, followed by the new ones, and stores nothing, so a
+    batch of B rows that share L leading tokens costs one row's L positions plus B rows of the rest, and the memory
+    of one row's prefix (the concatenation lives for one layer's attention at a time). Used to score requests that
+    share few-shot examples (:class:`~lightning_llm.evaluation.HarnessLM`).
+    """
+
+    def __init__(self, prefix: KVCache, batch_size: int, new_tokens: int) -> None:
+        self.prefix = prefix
+        self.length = prefix.length
+        self.max_length = prefix.length + new_tokens
+        self.pos = torch.empty(batch_size, self.max_length, dtype=torch.long, device=prefix.pos.device)
+        self.pos[:, : self.length] = prefix.pos[0, : self.length]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, G, L + T, D)`` keys and values: the prefix's L (broadcast), then ``k, v`` ``(B, G, T, D)``."""
+        n = self.prefix.length
+        pk = self.prefix.k[layer][:1, :, :n].expand(k.shape[0], -1, -1, -1)
+        pv = self.prefix.v[layer][:1, :, :n].expand(v.shape[0], -1, -1, -1)
+        return torch.cat((pk, k.to(pk.dtype)), dim=2), torch.cat((pv, v.to(pv.dtype)), dim=2)
+
+    def advance(self, n: int) -> None:
+        self.length += n

@@ -743,3 +743,61 @@ def test_sampling_is_seeded_per_batch(tiny_dir):
     assert sample(1, 2) == first
     assert sample(2, 2) != first
     assert len(set(first)) > 1
+
+
+def test_a_shared_few_shot_beginning_runs_once_and_scores_like_hflm(tiny_dir, monkeypatch):
+    """Requests whose contexts begin with the same few-shot text (the harness's ``first_n`` sampler, a description),
+    in the three ways HarnessLM runs them: one-token answers (``_score``: the shared columns run once as one row,
+    read by the whole batch through a ``SharedPrefixCache``), multi-token answers (``_score_contexts``: the contexts'
+    prefill shares them) and generation (``generate``'s prefill). HFLM's scores (1e-4) and greedy flags, HFLM's
+    generations, and fewer positions run than with sharing off."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    import lightning_llm.evaluation.harness as harness
+    import lightning_llm.nn.generation as generation
+    from lightning_llm.evaluation import HarnessLM
+
+    shots = "the quick brown fox jumps over the lazy dog. she sells sea shells by the sea shore. all that glitters is "
+    questions = ["a stitch in time", "the early bird catches", "every good boy", "the rain in spain falls"]
+    lm = HarnessLM(str(tiny_dir), batch_size=4, device="cpu")
+    prefix = lm.tok_encode(shots)
+    assert 20 <= len(prefix) <= 40  # within the tiny model's 64 positions with a question and an answer
+    one = [((q, "a"), prefix + lm.tok_encode(q), lm.tok_encode(" saves")[:1]) for q in questions]
+    multi = [((q, w), prefix + lm.tok_encode(q), lm.tok_encode(w)) for q in questions for w in (" nine", " the sea")]
+    reference = HFLM(pretrained=str(tiny_dir), batch_size=4, device="cpu")
+    default = generation.SHARED_PREFIX_MIN_TOKENS
+
+    def run(requests, share: bool):
+        limit = default if share else 10**9
+        monkeypatch.setattr(generation, "SHARED_PREFIX_MIN_TOKENS", limit)
+        monkeypatch.setattr(harness, "SHARED_PREFIX_MIN_TOKENS", limit)
+        ours = HarnessLM(str(tiny_dir), batch_size=4, device="cpu")
+        shapes = []
+        hook = ours.module.wte.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+        got = ours._loglikelihood_tokens(requests)
+        hook.remove()
+        return got, ours.work["tokens"], shapes
+
+    for requests in (one, multi):
+        got, tokens, shapes = run(requests, share=True)
+        plain, plain_tokens, _ = run(requests, share=False)
+        ref = reference._loglikelihood_tokens(requests)
+        for (lp, greedy), (ref_lp, ref_greedy) in zip(got, ref, strict=True):
+            assert abs(lp - ref_lp) < 1e-4 and greedy == ref_greedy, (lp, ref_lp)
+        for (lp, greedy), (plain_lp, plain_greedy) in zip(got, plain, strict=True):
+            assert abs(lp - plain_lp) < 1e-5 and greedy == plain_greedy
+        assert shapes[0][0] == 1 and shapes[0][1] >= len(prefix) - 1  # the shared beginning, once, as one row
+        assert tokens < plain_tokens - 2 * len(prefix)
+    monkeypatch.setattr(generation, "SHARED_PREFIX_MIN_TOKENS", default)
+    kwargs = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+    requests = [Instance("generate_until", {}, (shots + q, dict(kwargs)), i) for i, q in enumerate(questions)]
+    shapes = []
+    hook = lm.module.wte.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    texts = lm.generate_until(requests)
+    hook.remove()
+    assert shapes[0][0] == 1 and shapes[0][1] >= len(prefix) - 1
+    ref_texts = reference.generate_until(
+        [Instance("generate_until", {}, (shots + q, dict(kwargs)), i) for i, q in enumerate(questions)]
+    )
+    assert texts == ref_texts and any(t.strip() for t in texts)

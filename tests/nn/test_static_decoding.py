@@ -108,7 +108,7 @@ def test_repeated_prompts_run_the_prefill_once(static: bool, monkeypatch) -> Non
     sampled = generate(model, prompts, generator=torch.Generator().manual_seed(5), **kw)
     monkeypatch.setattr(  # the reference: every row through the prefill
         generation,
-        "_prefill",
+        "prefill",
         lambda m, ids, mask, cache, **_: m(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)[:, -1],
     )
     plain = generate(model, prompts, generator=torch.Generator().manual_seed(5), **kw)
