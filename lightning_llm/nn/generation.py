@@ -149,10 +149,10 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    with_logprob: bool = True,
+    return_logprob: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One decoding step from next-token logits ``(B, V)``: ``(token (B,), logprob (B,) float32)`` (``logprob``
-    None with ``with_logprob=False``: a greedy step then runs no softmax at all).
+    None with ``return_logprob=False``: a greedy step then runs no softmax at all).
 
     ``temperature == 0`` takes the argmax; otherwise a token is drawn from ``softmax(filter_logits(logits / T))``.
     ``logprob`` is the chosen token's log-probability under ``softmax(logits / T)`` (before filtering; ``T = 1`` when
@@ -170,7 +170,7 @@ def sample_next(
         else:
             probs = scaled.softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    logprob = log_softmax_gather(scaled, token) if with_logprob else None  # (B,)
+    logprob = log_softmax_gather(scaled, token) if return_logprob else None  # (B,)
     return token, logprob
 
 
@@ -226,15 +226,15 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache, share_
         if shared is not None:
             group, length = shared
             if len(group) < b:  # the sharing rows and the others apart, each into a cache of its own
-                hidden = None
-                for part in (group, sorted(set(range(b)) - set(group))):
-                    idx = torch.as_tensor(part, device=ids.device)
-                    sub = model.new_kv_cache(len(part), p, dtype=cache.k[0].dtype)
-                    h = prefill(model, ids[idx], mask[idx], sub, share_prefix)  # (k, C)
+                order = group + sorted(set(range(b)) - set(group))
+                parts = []
+                for rows_of_part in (order[: len(group)], order[len(group) :]):
+                    idx = torch.as_tensor(rows_of_part, device=ids.device)
+                    sub = model.new_kv_cache(len(rows_of_part), p, dtype=cache.k[0].dtype)
+                    parts.append(prefill(model, ids[idx], mask[idx], sub, share_prefix))  # (k, C)
                     cache.put_rows(sub, idx)
-                    hidden = h.new_empty((b, h.shape[1])) if hidden is None else hidden
-                    hidden[idx] = h
-                return hidden
+                back = torch.as_tensor(order, device=ids.device).argsort()  # row r's place in ``order``
+                return torch.cat(parts).index_select(0, back)  # (B, C)
             pads = p - mask.sum(1)  # (B,)
             first = int(pads[0])
             prefix = model.new_kv_cache(1, length, dtype=cache.k[0].dtype)
