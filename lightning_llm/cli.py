@@ -30,6 +30,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_llm._dist import destroy_process_group, process_group_initialized
+
 __all__ = ["LightningLLMCLI", "export", "main", "preset_path", "presets", "run"]
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
@@ -250,7 +252,20 @@ Each subcommand's arguments: lightning-llm CMD --help"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the program on ``argv`` (default ``sys.argv[1:]``) and return its exit status (see the module docstring)."""
+    """Run the program on ``argv`` (default ``sys.argv[1:]``) and return its exit status (see the module docstring).
+
+    A torch.distributed process group that the command created (the Trainer's under ``torchrun``, HarnessLM's) is
+    destroyed before returning: a gloo group left to interpreter finalization can abort the process after a run that
+    succeeded (:mod:`lightning_llm._dist`). A group that was there before the call is left to its owner."""
+    owned = not process_group_initialized()
+    try:
+        return _main(argv)
+    finally:
+        if owned:
+            destroy_process_group()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(_DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]

@@ -93,6 +93,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_llm._dist import ended_at_exit
 from lightning_llm.evaluation.lm import LanguageModel, resolve_model
 from lightning_llm.nn.generation import SHARED_PREFIX_MIN_TOKENS, prefill, static_decoding_supported
 from lightning_llm.nn.kv_cache import SharedPrefixCache
@@ -412,7 +413,8 @@ class HarnessLM(TemplateLM):
         if launched and dist.is_available():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            with ended_at_exit():  # ours to end: a gloo group left to finalization can abort the process
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             return
         if required:
             raise ValueError(

@@ -22,6 +22,7 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
+from lightning_llm._dist import ended_at_exit
 from lightning_llm.nn.transformer import Block
 from lightning_llm.parallel.parallelize import _mp_policy, clip_grad_norm_
 
@@ -144,7 +145,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._tensor_parallel_size,
             self.num_processes,
         )
-        super().setup_environment()
+        with ended_at_exit():  # a gloo group left to interpreter finalization can abort the process (_dist)
+            super().setup_environment()
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
@@ -289,7 +291,8 @@ class PipelineStrategy(FSDP2Strategy):
         )
         self._tensor_parallel_size, self._data_parallel_size = t, d
         ParallelStrategy.setup_environment(self)
-        self._setup_distributed()
+        with ended_at_exit():  # a gloo group left to interpreter finalization can abort the process (_dist)
+            self._setup_distributed()
         self._device_mesh = init_device_mesh(
             self.root_device.type,
             (p, d, t),

@@ -161,3 +161,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from lightning_llm._dist import destroy_process_group
+
+    destroy_process_group()  # the Trainer's gloo group, left to interpreter finalization, can abort the process

@@ -30,6 +30,8 @@ SCRIPT = textwrap.dedent(
     trainer.fit(m, datamodule=dm)
     flat = torch.cat([p.detach().flatten() for p in m.parameters()])
     torch.save({"params": flat, "kl": m.kl_ctl.value, "rollouts": m.rollouts_done}, f"{out}/rank{trainer.global_rank}.pt")
+    from lightning_llm._dist import destroy_process_group
+    destroy_process_group()  # the Trainer's gloo group, left to interpreter finalization, can abort the process
     """
 )
 
