@@ -63,6 +63,10 @@ class Tokenizer:
         pad_id: Padding id; defaults to ``eos_id``.
         name: Where the tokenizer came from (for ``repr`` and error messages).
 
+    Attributes:
+        source: the local directory :meth:`from_pretrained` or :meth:`load` read it from, else ``None``; files
+            beside the tokenizer (a chat template in ``tokenizer_config.json``) are looked up there.
+
     Example:
         >>> tok = Tokenizer.train_bpe(["hello world, hello tokens"] * 20, vocab_size=300)
         >>> tok.decode(tok.encode("hello world"))
@@ -88,6 +92,7 @@ class Tokenizer:
         tokenizer.no_padding()
         self._tok = tokenizer
         self.name = name
+        self.source: str | None = None
         v = self.vocab_size
         pad_id = eos_id if pad_id is None else pad_id
         for arg, value in (("eos_id", eos_id), ("bos_id", bos_id), ("pad_id", pad_id)):
@@ -304,7 +309,9 @@ class Tokenizer:
             )
         special = json.loads((directory / SPECIAL_IDS_FILE).read_text(encoding="utf-8"))
         tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
-        return cls(tok, special["eos_id"], special.get("bos_id"), special.get("pad_id"), name=special.get("name"))
+        loaded = cls(tok, special["eos_id"], special.get("bos_id"), special.get("pad_id"), name=special.get("name"))
+        loaded.source = str(directory)
+        return loaded
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike) -> Tokenizer:
@@ -335,17 +342,23 @@ class Tokenizer:
         if path.is_dir() and (path / SPECIAL_IDS_FILE).is_file():
             return cls.load(path)
         if path.is_file() and path.name == "tokenizer.json":
-            return cls._from_tokenizer_json(path.parent, path)
+            loaded = cls._from_tokenizer_json(path.parent, path)
+            loaded.source = str(path.parent)
+            return loaded
         try:
             import transformers  # noqa: F401  (optional dependency, imported only here)
         except ImportError:
             if path.is_dir() and (path / "tokenizer.json").is_file():
-                return cls._from_tokenizer_json(path, path / "tokenizer.json")
+                loaded = cls._from_tokenizer_json(path, path / "tokenizer.json")
+                loaded.source = str(path)
+                return loaded
             raise ImportError(
                 f"Loading the tokenizer {str(path_or_name)!r} needs `transformers` (it is neither a directory with "
                 "tokenizer.json nor one saved by `Tokenizer.save`). Install it with `pip install lightning-llm[hf]`."
             ) from None
-        return cls._from_transformers(str(path) if path.exists() else str(path_or_name))
+        loaded = cls._from_transformers(str(path) if path.exists() else str(path_or_name))
+        loaded.source = str(path) if path.is_dir() else None
+        return loaded
 
     @classmethod
     def _from_transformers(cls, path_or_name: str) -> Tokenizer:

@@ -288,8 +288,10 @@ class HarnessLM(TemplateLM):
                 "directory saved by Tokenizer.save, a Hugging Face tokenizer directory, or a Tokenizer object)."
             )
         self.tokenizer = tok
-        # where a Hugging Face tokenizer's own chat template may be read: a local directory only (no hub lookups)
-        sources = [s for s in (tokenizer, pretrained, self.lm.source) if isinstance(s, (str, os.PathLike))]
+        # where a Hugging Face tokenizer's own chat template may be read: a local directory only (no hub lookups);
+        # a Tokenizer object names the directory it was loaded from (Tokenizer.source)
+        candidates = (tokenizer, getattr(tok, "source", None), pretrained, self.lm.source)
+        sources = [s for s in candidates if isinstance(s, (str, os.PathLike))]
         self._chat_source = next((str(s) for s in sources if os.path.isdir(os.path.expanduser(s))), None)
         self.module = self.lm.module
         self.ours = _is_ours(self.module)

@@ -647,7 +647,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _part_harness(lm: LanguageModel, tok: Any, cfg: HarnessPart, seed: int) -> dict[str, Any]:
-    """``tok``: the tokenizer, or the tokenizer directory the user named (HarnessLM reads its chat template)."""
+    """``tok``: the loaded tokenizer (HarnessLM reads a chat template from its ``source`` directory)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -851,7 +851,6 @@ def evaluate(
     log = print if verbose else (lambda _msg: None)
     if device is None and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # under torchrun: one GPU per rank
-    tokenizer_arg = tokenizer
     lm, tokenizer = resolve_model(model, tokenizer, device, dtype)
     if tokenizer is None:
         raise ValueError(
@@ -901,8 +900,7 @@ def evaluate(
     if parts_cfg["embeddings"].enabled:
         _run(parts, "embeddings", lambda: _part_embeddings(lm, tokenizer, parts_cfg["embeddings"], seed), log)
     if parts_cfg["harness"].enabled:
-        harness_tok = tokenizer_arg if isinstance(tokenizer_arg, (str, os.PathLike)) else tokenizer  # its template
-        _run(parts, "harness", lambda: _part_harness(lm, harness_tok, parts_cfg["harness"], seed), log)
+        _run(parts, "harness", lambda: _part_harness(lm, tokenizer, parts_cfg["harness"], seed), log)
     report = {
         "model": {
             "name": lm.name,

@@ -152,3 +152,31 @@ def test_evaluate_harness_part_applies_the_chat_template(dirs, tmp_path):
     assert plain["status"] == "ok" and plain["chat_template"] is None
     with pytest.raises(ValueError, match="apply_chat_template"):
         HarnessPart(**harness, apply_chat_template="yes")
+
+
+def test_evaluate_reads_a_named_tokenizer_once_and_its_chat_template(dirs, monkeypatch):
+    """``evaluate(model, tokenizer=DIR, harness=...)`` with the template only in DIR (the model directory has none):
+    the tokenizer is loaded once (before, the harness part loaded it a second time to find the template), and the
+    harness part still renders with DIR's template, which it finds through ``Tokenizer.source``."""
+    from lightning_llm.data.tokenizer import Tokenizer
+    from lightning_llm.evaluation import HarnessPart, evaluate
+
+    loads = []
+    real = Tokenizer.from_pretrained.__func__
+
+    def counting(cls, path_or_name):
+        loads.append(str(path_or_name))
+        return real(cls, path_or_name)
+
+    monkeypatch.setattr(Tokenizer, "from_pretrained", classmethod(counting))
+    off = {"enabled": False}
+    parts = ("perplexity", "lambada", "multiple_choice", "robustness", "fairness", "efficiency", "bias", "embeddings")
+    harness = HarnessPart(enabled=True, tasks=("tiny_mc",), include_path=str(dirs["tasks"]), limit=4,
+                          apply_chat_template=True)  # fmt: skip
+    report = evaluate(str(dirs["plain"]), tokenizer=str(dirs["chat"]), harness=harness, out=None, device="cpu",
+                      plots=False, verbose=False, **{p: off for p in parts})  # fmt: skip
+    part = report["parts"]["harness"]
+    assert part["status"] == "ok", part.get("error")
+    assert part["chat_template"] == TEMPLATE
+    assert loads == [str(dirs["chat"])]
+    assert Tokenizer.from_pretrained(dirs["chat"]).source == str(dirs["chat"])
