@@ -232,7 +232,9 @@ class HarnessLM(TemplateLM):
     Attributes:
         work: what this process computed, summed over calls: ``batches`` (forward passes of whole inputs, prompts
             included), their ``rows`` and padded ``tokens``, and the one-token ``decode_steps`` of generation; under
-            data parallelism, this rank's share.
+            data parallelism, this rank's share. Scoring counts the positions that ran (a shared beginning once);
+            generation counts rows x padded prompt width as handed to the prefill, which may run fewer (repeated
+            rows and a shared beginning once, :func:`~lightning_llm.nn.generation.prefill`).
     """
 
     def __init__(
