@@ -33,8 +33,10 @@ def process_group_initialized() -> bool:
 def destroy_process_group() -> None:
     """Destroy the default process group (and every group made from it) if there is one; otherwise nothing.
 
-    Local to this process (no collective), so it cannot wait for another rank; safe to call twice and from
-    ``atexit``."""
+    Not a collective, but it waits for this process's pending asynchronous work, which ends when the peers join it
+    or leave. Measured (2 gloo ranks, torch 2.13): rank 0 raising with an all-reduce that rank 1 never joins, while
+    rank 1 waits in a ``recv`` from rank 0, ends after the group's timeout with or without this call. Safe to call
+    twice and from ``atexit``."""
     if process_group_initialized():
         torch.distributed.destroy_process_group()
 
