@@ -264,6 +264,13 @@ def _distributed(payload: dict) -> list[str]:
     return table(header, rows) + ["", f"Measured {provenance(payload)}."]
 
 
+@renders("process_group_exit_cpu")
+def _process_group_exit(payload: dict) -> list[str]:
+    rows = [[f"`{r['variant']}`", r["runs"], r["failed"], r["aborts"]] for r in payload["rows"]]
+    header = ["gloo group at exit", "2-process runs", "failed", "aborted (SIGABRT)"]
+    return table(header, rows) + ["", f"Measured {provenance(payload)}."]
+
+
 def render(name: str) -> str:
     path = RESULTS / f"{name}.json"
     if name not in RENDERERS:
