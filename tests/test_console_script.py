@@ -187,3 +187,33 @@ def test_wheel_carries_the_presets_and_runs_from_an_empty_folder(tmp_path):
     assert where.stdout.strip().startswith(str(site)), where.stdout
     proc = _ok(run(["fit", "--config", "quickstart", *TINY], empty, exe=str(site / "bin" / "lightning-llm"), env=env))
     assert list(empty.rglob("fit_metrics.json")), proc.stdout[-2000:]
+
+
+@pytest.mark.distributed
+def test_ddp_fit_under_torchrun_equals_lightnings_own_launcher(tmp_path):
+    """The README's two ways to start a 2-process DDP fit, each from an empty folder with the installed executable:
+    Lightning's own launcher (``lightning-llm fit ... --config trainer/cpu_ddp``) and ``torchrun --nproc-per-node 2
+    lightning-llm fit ...`` (Lightning detects torchrun and starts no process itself). Both exit 0 (the program ends
+    the gloo group it made, so no rank aborts at exit) and train the same model: equal losses, a checkpoint each."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _launch import run_all
+
+    args = ["fit", "--config", "quickstart", "--config", "trainer/cpu_ddp", *TINY]
+    exe = _executable()
+    commands = {
+        "launcher": [exe, *args],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", exe,
+                     *args],
+    }  # fmt: skip
+    for name in commands:
+        (tmp_path / name).mkdir()
+    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    for name, command in commands.items():  # one after the other: each is 2 processes on the 2 cores
+        run_all({name: command}, tmp_path, tmp_path / name, env, 300)
+    metrics = {}
+    for name in commands:
+        (path,) = list((tmp_path / name).rglob("fit_metrics.json"))
+        metrics[name] = json.loads(path.read_text())
+        assert list((tmp_path / name).rglob("*step=4.ckpt")), f"{name}: no checkpoint"
+    for key in ("train/loss", "val/loss", "val/ppl"):
+        assert metrics["torchrun"][key] == metrics["launcher"][key], key
