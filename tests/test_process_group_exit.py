@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -142,19 +141,14 @@ def _free_port() -> int:
     return free_ports(1)[0]
 
 
-EXIT_AFTER_COLLECTIVE = textwrap.dedent(
-    """
-    import torch, torch.distributed as dist
-    from lightning_llm._dist import ended_at_exit
-    with ended_at_exit():
-        dist.init_process_group("gloo")
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, ("x" * 1000, dist.get_rank()))
-    t = torch.ones(10)
-    dist.all_reduce(t)
-    assert t[0].item() == dist.get_world_size()
-    """
-)
+def _benchmark_script() -> str:
+    """The script ``benchmarks/process_group_exit.py`` launches (collective, then exit), so the test runs the same."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("process_group_exit", ROOT / "benchmarks" / "process_group_exit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SCRIPT
 
 
 @pytest.mark.slow
@@ -164,7 +158,7 @@ def test_two_process_gloo_groups_exit_cleanly(tmp_path):
     same script (torch 2.13, this machine) aborted in 5 to 7 of 20 runs (``benchmarks/process_group_exit.py``), so
     twelve clean runs would happen by chance with probability about 0.75**12 = 0.03 or less."""
     script = tmp_path / "exit_after_collective.py"
-    script.write_text(EXIT_AFTER_COLLECTIVE)
+    script.write_text(_benchmark_script())
     sys.path.insert(0, str(Path(__file__).parent))
     from _launch import free_ports
 
@@ -172,10 +166,20 @@ def test_two_process_gloo_groups_exit_cleanly(tmp_path):
         port = free_ports(1)[0]
         procs = [
             subprocess.Popen(
-                [sys.executable, str(script)],
-                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                [sys.executable, str(script), "ended_at_exit"],
+                env={
+                    **os.environ,
+                    "PYTHONPATH": str(ROOT),
+                    "OMP_NUM_THREADS": "1",
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                    "WORLD_SIZE": "2",
+                    "RANK": str(rank),
+                    "LOCAL_RANK": str(rank),
+                },
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )  # fmt: skip
             for rank in range(2)
         ]
