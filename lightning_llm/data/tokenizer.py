@@ -339,26 +339,28 @@ class Tokenizer:
                 f"`tokenizer`={str(path_or_name)!r} looks like a local path but does not exist. Pass an existing "
                 "directory (saved by `Tokenizer.save` or `save_pretrained`) or a Hugging Face hub name."
             )
+        loaded = cls._read(path, path_or_name)
+        if path.exists():
+            loaded.source = str(path if path.is_dir() else path.parent)
+        return loaded
+
+    @classmethod
+    def _read(cls, path: Path, path_or_name: str | os.PathLike) -> Tokenizer:
+        """:meth:`from_pretrained`'s choice of reader (see its docstring for the order)."""
         if path.is_dir() and (path / SPECIAL_IDS_FILE).is_file():
             return cls.load(path)
         if path.is_file() and path.name == "tokenizer.json":
-            loaded = cls._from_tokenizer_json(path.parent, path)
-            loaded.source = str(path.parent)
-            return loaded
+            return cls._from_tokenizer_json(path.parent, path)
         try:
             import transformers  # noqa: F401  (optional dependency, imported only here)
         except ImportError:
             if path.is_dir() and (path / "tokenizer.json").is_file():
-                loaded = cls._from_tokenizer_json(path, path / "tokenizer.json")
-                loaded.source = str(path)
-                return loaded
+                return cls._from_tokenizer_json(path, path / "tokenizer.json")
             raise ImportError(
                 f"Loading the tokenizer {str(path_or_name)!r} needs `transformers` (it is neither a directory with "
                 "tokenizer.json nor one saved by `Tokenizer.save`). Install it with `pip install lightning-llm[hf]`."
             ) from None
-        loaded = cls._from_transformers(str(path) if path.exists() else str(path_or_name))
-        loaded.source = str(path) if path.is_dir() else None
-        return loaded
+        return cls._from_transformers(str(path) if path.exists() else str(path_or_name))
 
     @classmethod
     def _from_transformers(cls, path_or_name: str) -> Tokenizer:

@@ -101,6 +101,18 @@ def test_from_pretrained_without_transformers(small_bpe, tmp_path, monkeypatch):
         Tokenizer.from_pretrained("some-org/some-hub-tokenizer")
 
 
+def test_source_is_the_directory_it_was_read_from(small_bpe, tmp_path):
+    """``Tokenizer.source``: where files beside the tokenizer (a chat template) are looked up."""
+    assert small_bpe.source is None  # trained in memory
+    ours, hf_dir = tmp_path / "ours", tmp_path / "hf"
+    small_bpe.save(ours)
+    _llama_like_dir(small_bpe, hf_dir)
+    assert Tokenizer.load(ours).source == str(ours)
+    assert Tokenizer.from_pretrained(ours).source == str(ours)
+    assert Tokenizer.from_pretrained(str(hf_dir)).source == str(hf_dir)
+    assert Tokenizer.from_pretrained(hf_dir / "tokenizer.json").source == str(hf_dir)
+
+
 def test_load_tokenizer_cache_hit(train_docs, tmp_path, monkeypatch):
     docs = train_docs[:300]
     first = load_tokenizer(None, docs, vocab_size=400, cache_dir=tmp_path)
