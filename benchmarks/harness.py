@@ -25,10 +25,9 @@ Tasks are local YAML files over a local .jsonl (no network), written to a tempor
 * ``bench_gen_N``: ``generate_until`` of ``N`` tokens after the first half of ``--n-gen`` passages, stopping
   at a newline; timed once per ``--gen-modes`` entry: HarnessLM's eager decode step (the default,
   ``compile=False``) and its compiled one (a second ``HarnessLM(compile=True)`` on the same directory);
-* ``bench_gen3_N``: the same with 3 few-shot examples taken by the harness's ``first_n`` sampler (as MMLU-style
-  tasks take them: the same examples before every question but the first few, whose own document is left out),
-  for the first ``--gen-tokens`` value: prompts that begin alike, whose shared beginning HarnessLM's prefill runs
-  once (``lightning_llm.nn.generation.prefill``).
+* ``bench_gen3_N``: the same with ``bench_lambada3``'s 3 ``first_n`` few-shot examples, for the first
+  ``--gen-tokens`` value: prompts that begin alike, whose shared beginning HarnessLM's prefill runs once
+  (``lightning_llm.nn.generation.prefill``).
 
 Timed, per task kind: the model calls alone (``lm.loglikelihood(instances)`` etc. on the harness's own request
 instances, built once: tokenizing, batching, scoring) and the whole ``lm_eval.simple_evaluate`` (adds building the

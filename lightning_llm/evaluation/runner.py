@@ -254,8 +254,8 @@ class HarnessPart:
         system_instruction: a system message put before each prompt (null: none).
         chat_template: a Jinja chat template to use instead of the tokenizer's own (null: the tokenizer's).
         compile: decode `generate_until` tasks with the compiled step (`HarnessLM(compile=True)`): one compilation
-            per batch size (about 17 s on a CPU) that long generations earn back (`benchmarks/harness.py`, 256
-            tokens a request: 1.97 s against the eager step's 2.27 s).
+            per batch size (tens of seconds on a CPU) that long generations earn back (256 tokens a request in
+            `benchmarks/results/harness_cpu.txt`: 2.07 s against the eager step's 2.48 s).
     """
 
     enabled: bool = False

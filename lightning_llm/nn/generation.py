@@ -441,11 +441,10 @@ class _Stepper:
     and the number of slots read (``key_ok``'s second) dynamic (``torch._dynamo.mark_dynamic``), so Dynamo keeps one
     graph per batch size and model: new prompt widths and generation lengths reuse it (before, with every size
     static, each cache capacity cost a compilation of 10-30 s, and Dynamo's limit of 8 graphs a function sent
-    further shapes to eager decoding). On the
-    CPU with Inductor the graph gets a C++ wrapper (``cpp_wrapper``): for small models the Python wrapper that
-    launches each kernel, checks strides and allocates buffers costs as much as many of the kernels (a whole
-    generation at the GRPO benchmark's size, timed under cProfile: 30.8 ms with the Python wrapper, 27.5 ms with the
-    C++ one); building it adds about 15 s to the first compilation. An exception at the first step of a call (where
+    further shapes to eager decoding). On the CPU with Inductor the graph gets a C++ wrapper (``cpp_wrapper``): for
+    small models the Python wrapper that launches each kernel, checks strides and allocates buffers costs as much as
+    many of the kernels (a whole generation at the GRPO benchmark's size, timed under cProfile: 30.8 ms with the
+    Python wrapper, 27.5 ms with the C++ one); building it adds about 15 s to the first compilation. An exception at the first step of a call (where
     Dynamo compiles, or checks its guards) is taken for a compiler failure: warned about once per process, and
     decoding goes on eagerly with the same results (a genuine error then recurs eagerly and propagates). Later steps
     run the graph that first step chose, and their exceptions propagate.
